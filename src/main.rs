@@ -1,0 +1,55 @@
+//! The `kfdmux` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "kfdmux", version, about = "A userspace /dev/kfd: every open gets its own isolated GPU context, served over FUSE by a simulated KFD", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon: serve kfd and render-node files backed by simulated GPUs until SIGTERM.
+    Serve(kfdmux::daemon::ServeOptions),
+    /// Run a program (default: rocminfo) unmodified against kfdmux, in a private mount
+    /// namespace where /dev/kfd, the render nodes and the sysfs topology are kfdmux's.
+    Run(kfdmux::run::RunOptions),
+    /// Run the protocol acceptance suite as a client against a kfd file (FUSE or CUSE):
+    /// contexts per open, EBADF after fork, pointer ioctls, blocking waits, release on close.
+    Check(kfdmux::check::CheckOptions),
+    /// Write the sysfs topology tree of a GPU list (what /sys/devices/virtual/kfd would hold).
+    Topology {
+        /// GPUs, e.g. `gfx90a:2,gfx1030` (presets: gfx90a, gfx942, gfx1030).
+        #[arg(long)]
+        gpus: String,
+        /// Output directory; the tree is written under DIR/kfd/topology.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let r: Result<i32, String> = match cli.cmd {
+        Cmd::Serve(o) => kfdmux::daemon::serve(&o).map(|_| 0),
+        Cmd::Run(o) => kfdmux::run::run_command(&o),
+        Cmd::Check(o) => Ok(kfdmux::check::run(&o).min(1)),
+        Cmd::Topology { gpus, out } => kfdmux::sysfs::topology_command(&gpus, &out).map(|_| {
+            println!("wrote {}", out.join("kfd/topology").display());
+            0
+        }),
+    };
+    match r {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("kfdmux: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

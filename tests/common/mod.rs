@@ -1,0 +1,176 @@
+//! Helpers shared by the integration tests: the kfdmux binary, prerequisites, temporary
+//! directories and a daemon guard.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs;
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The kfdmux binary cargo built for these tests.
+pub fn kfdmux_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_kfdmux"))
+}
+
+/// A prerequisite check: true if `cond`. Otherwise, under CI (`CI=true`) the test fails — CI
+/// must run everything — and elsewhere it prints `skipped: <what> missing` and returns false.
+pub fn require(cond: bool, what: &str) -> bool {
+    if cond {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{what} missing (CI=true: prerequisites are mandatory)");
+    }
+    eprintln!("skipped: {what} missing");
+    false
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub fn have_fuse() -> bool {
+    Path::new("/dev/fuse").exists()
+}
+
+/// Is `name` an executable on PATH?
+pub fn have_cmd(name: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).any(|d| {
+        fs::metadata(d.join(name)).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}
+
+/// A temporary directory (mode 0755), removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        let mut tmpl = std::env::temp_dir()
+            .join(format!("{prefix}.XXXXXX"))
+            .into_os_string()
+            .into_vec();
+        tmpl.push(0);
+        // SAFETY: a writable NUL-terminated template for mkdtemp to fill in.
+        let p = unsafe { libc::mkdtemp(tmpl.as_mut_ptr().cast()) };
+        assert!(!p.is_null(), "mkdtemp: {}", std::io::Error::last_os_error());
+        tmpl.pop();
+        let dir = PathBuf::from(OsString::from_vec(tmpl));
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `kfdmux serve --transport fuse --mount <tmp>/mnt --gpus SPEC`, stopped and unmounted on drop.
+pub struct Daemon {
+    child: Child,
+    pub mount: PathBuf,
+    log: PathBuf,
+    dir: TempDir,
+}
+
+impl Daemon {
+    pub fn start(gpus: &str) -> Daemon {
+        let dir = TempDir::new("kfdmux-test-daemon");
+        let mount = dir.path().join("mnt");
+        fs::create_dir(&mount).unwrap();
+        let log = dir.path().join("daemon.log");
+        let out = fs::File::create(&log).unwrap();
+        let child = Command::new(kfdmux_bin())
+            .args(["serve", "--transport", "fuse", "--mount"])
+            .arg(&mount)
+            .args(["--gpus", gpus])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn kfdmux serve");
+        let mut d = Daemon {
+            child,
+            mount,
+            log,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("kfdmux serve exited with {status}:\n{}", d.log_text());
+            }
+            if kfdmux::run::is_fuse_mount(&d.mount) && d.mount.join("kfd").exists() {
+                return d;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kfdmux serve did not mount {} in 10 s:\n{}",
+                d.mount.display(),
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The daemon's sysfs tree (`<mount>.sysfs`).
+    pub fn sysfs(&self) -> PathBuf {
+        kfdmux::run::sysfs_dir_for(&self.mount)
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn stats(&self) -> HashMap<String, u64> {
+        read_stats(&self.mount)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: our own child, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if kfdmux::run::is_fuse_mount(&self.mount) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        }
+        let _ = &self.dir; // removed after the unmount, by its own Drop
+    }
+}
+
+/// The daemon's `stats` file (`key value` lines) as numbers; non-numeric lines are skipped.
+pub fn read_stats(mount: &Path) -> HashMap<String, u64> {
+    let text = fs::read_to_string(mount.join("stats"))
+        .unwrap_or_else(|e| panic!("read {}/stats: {e}", mount.display()));
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let k = it.next()?;
+            let v = it.next()?.parse().ok()?;
+            Some((k.to_string(), v))
+        })
+        .collect()
+}
