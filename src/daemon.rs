@@ -46,9 +46,43 @@ pub struct ServeOptions {
     /// Worker threads reading FUSE requests.
     #[arg(long, default_value_t = 4)]
     pub threads: usize,
+    /// Record every open, ioctl and close into PATH (see docs/trace-format.md;
+    /// `kfdmux trace show PATH`, `kfdmux replay PATH`).
+    #[arg(long, value_name = "PATH")]
+    pub record: Option<PathBuf>,
+    /// Users allowed to open the device (comma-separated names or uids; root always may).
+    /// Others get EACCES at open. Default: everyone.
+    #[arg(long, value_name = "USERS")]
+    pub allow_users: Option<String>,
+    /// Groups whose members (primary or supplementary) may open the device.
+    #[arg(long, value_name = "GROUPS")]
+    pub allow_groups: Option<String>,
+    /// Per-context VRAM+GTT bytes (suffixes K, M, G); beyond it ALLOC gets ENOMEM.
+    #[arg(long, value_name = "BYTES", value_parser = crate::policy::parse_bytes)]
+    pub quota_mem: Option<u64>,
+    /// Per-context live queues; beyond it CREATE_QUEUE gets ENOSPC.
+    #[arg(long, value_name = "N")]
+    pub quota_queues: Option<u32>,
+    /// Per-context live events; beyond it CREATE_EVENT gets ENOSPC.
+    #[arg(long, value_name = "N")]
+    pub quota_events: Option<u32>,
+    /// Live kfd contexts one uid may hold; beyond it open gets ENOSPC.
+    #[arg(long, value_name = "N")]
+    pub max_contexts_per_uid: Option<u32>,
 }
 
 impl ServeOptions {
+    /// The access policy and quotas the flags describe.
+    pub fn policy(&self) -> Result<crate::policy::Policy, String> {
+        use crate::policy::{parse_ids, Policy, Quotas};
+        Ok(Policy {
+            allow_users: self.allow_users.as_deref().map(|l| parse_ids(l, false)).transpose()?,
+            allow_groups: self.allow_groups.as_deref().map(|l| parse_ids(l, true)).transpose()?,
+            quotas: Quotas { mem_bytes: self.quota_mem, queues: self.quota_queues, events: self.quota_events },
+            max_contexts_per_uid: self.max_contexts_per_uid,
+        })
+    }
+
     pub fn sysfs_dir(&self) -> Option<PathBuf> {
         self.sysfs_out.clone().or_else(|| {
             self.mount.as_ref().map(|m| {
@@ -86,7 +120,14 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
 /// stop at once instead of waiting for every client to close).
 fn abort_connection(dev: u64) {
     let minor = libc::minor(dev);
-    let path = format!("/sys/fs/fuse/connections/{minor}/abort");
+    let conns = "/sys/fs/fuse/connections";
+    if !std::path::Path::new(conns).join(minor.to_string()).exists() {
+        // fusectl is not mounted (systemd usually does it); the abort file lives there.
+        if let Err(e) = crate::transport::sys::mount("fusectl", conns, "fusectl", 0, "") {
+            log::debug!("mounting fusectl on {conns}: {e}");
+        }
+    }
+    let path = format!("{conns}/{minor}/abort");
     if let Err(e) = std::fs::write(&path, "1") {
         log::debug!("{path}: {e}");
     }
@@ -102,8 +143,16 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
             .map_err(|e| format!("writing {}/module/amdgpu: {e}", sdir.display()))?;
     }
     let cfg = SimConfig { kfd_minor: opts.kfd_minor, ..Default::default() };
+    let header = opts.record.as_ref().map(|_| crate::trace::Header::for_sim(&opts.gpus, &gpus, &cfg));
     let device: Arc<dyn Device> = SimDevice::new(gpus, cfg);
+    let device = crate::policy::wrap(device, opts.policy()?);
     let mux = Mux::new(device);
+    if let (Some(path), Some(header)) = (&opts.record, header) {
+        let rec = crate::trace::Recorder::create(path, &header)
+            .map_err(|e| format!("--record {}: {e}", path.display()))?;
+        mux.set_recorder(rec);
+        log::info!("recording every call into {}", path.display());
+    }
     let set = block_signals();
     match opts.transport {
         Transport::Fuse => serve_fuse(opts, mux, &set),
@@ -163,7 +212,12 @@ fn serve_fuse(opts: &ServeOptions, mux: Arc<Mux>, set: &libc::sigset_t) -> Resul
             .map_err(|e| format!("hand-over socket {}: {e}", p.display()))?;
     }
     let fs = FuseFs::new(mux);
-    let (fd, _) = mount::mount_fuse(&mount_dir)?;
+    let (fd, early_dev) = mount::mount_fuse(&mount_dir)?;
+    // Known before any worker runs: ACQUIRE_VM recognises our render files by st_dev.
+    if early_dev != 0 {
+        log::debug!("mounted {} (device {early_dev:#x})", mount_dir.display());
+        fs.set_dev(early_dev);
+    }
     let session = Session::new(fd, fs.clone(), Protocol::Fuse, true);
     fs.set_channel(session.chan.clone());
     let runner = {
@@ -173,6 +227,9 @@ fn serve_fuse(opts: &ServeOptions, mux: Arc<Mux>, set: &libc::sigset_t) -> Resul
     };
     let dev = mount::mount_dev(&mount_dir);
     if let Some(d) = dev {
+        if early_dev != 0 && early_dev != d {
+            log::warn!("mountinfo said device {early_dev:#x}, stat says {d:#x}; using the latter");
+        }
         fs.set_dev(d);
     }
     log::info!("serving {} on {} (sysfs {:?})", opts.gpus, mount_dir.display(), opts.sysfs_dir());

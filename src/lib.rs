@@ -14,5 +14,7 @@ pub mod check;
 pub mod daemon;
 pub mod marshal;
 pub mod mux;
+pub mod policy;
+pub mod trace;
 pub mod transport;
 pub mod run;

@@ -22,6 +22,14 @@ enum Cmd {
     /// Run the protocol acceptance suite as a client against a kfd file (FUSE or CUSE):
     /// contexts per open, EBADF after fork, pointer ioctls, blocking waits, release on close.
     Check(kfdmux::check::CheckOptions),
+    /// Read a trace recorded with `serve --record`.
+    Trace {
+        #[command(subcommand)]
+        cmd: TraceCmd,
+    },
+    /// Re-issue a recorded trace against a device and compare errno and every output field;
+    /// exits 0 when the replay matched, 1 when it did not.
+    Replay(kfdmux::trace::replay::ReplayOptions),
     /// Write the sysfs topology tree of a GPU list (what /sys/devices/virtual/kfd would hold).
     Topology {
         /// GPUs, e.g. `gfx90a:2,gfx1030` (presets: gfx90a, gfx942, gfx1030).
@@ -33,6 +41,12 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum TraceCmd {
+    /// Print one line per call, decoded like strace (or JSON lines with --json).
+    Show(kfdmux::trace::show::ShowOptions),
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
@@ -40,6 +54,11 @@ fn main() -> ExitCode {
         Cmd::Serve(o) => kfdmux::daemon::serve(&o).map(|_| 0),
         Cmd::Run(o) => kfdmux::run::run_command(&o),
         Cmd::Check(o) => Ok(kfdmux::check::run(&o).min(1)),
+        Cmd::Trace { cmd: TraceCmd::Show(o) } => kfdmux::trace::show::run(&o),
+        Cmd::Replay(o) => kfdmux::trace::replay::run(&o).map_err(|e| {
+            eprintln!("kfdmux: {e}");
+            2
+        }).or_else(Ok::<i32, String>),
         Cmd::Topology { gpus, out } => kfdmux::sysfs::topology_command(&gpus, &out).map(|_| {
             println!("wrote {}", out.join("kfd/topology").display());
             0

@@ -41,6 +41,8 @@ pub struct Mux {
     files: RwLock<Slab<Arc<OpenFile>>>,
     next_id: AtomicU64,
     counters: Counters,
+    /// Set once by `kfdmux serve --record`; when unset the ioctl path does no extra work.
+    recorder: std::sync::OnceLock<Arc<crate::trace::Recorder>>,
 }
 
 /// The thread-group id of thread `pid` (`/proc/<pid>/status`), or `pid` itself when it is a
@@ -58,17 +60,41 @@ impl Mux {
             files: RwLock::new(Slab::new()),
             next_id: AtomicU64::new(1),
             counters: Counters::default(),
+            recorder: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Records every open, ioctl and close from now on; false if a recorder was already set.
+    pub fn set_recorder(&self, r: Arc<crate::trace::Recorder>) -> bool {
+        self.recorder.set(r).is_ok()
+    }
+
+    /// Records an ioctl refused before the device saw it (recording only).
+    fn rec_refused(&self, fh: u64, pid: u32, cmd: u32, in_data: &[u8], e: Errno) {
+        if let Some(r) = self.recorder.get() {
+            r.refused(self.file(fh).map(|f| f.id).unwrap_or(0), pid, cmd, in_data, e);
+        }
     }
 
     /// Opens `kind` for `caller` (whose `tgid` the transport resolved); returns the file handle.
     pub fn open(&self, caller: Caller, kind: FileKind) -> Result<u64, Errno> {
-        let ctx = self.device.open(&caller, kind)?;
+        let ctx = match self.device.open(&caller, kind) {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(r) = self.recorder.get() {
+                    r.open(0, &caller, kind, &Err(e));
+                }
+                return Err(e);
+            }
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let file = Arc::new(OpenFile { id, kind, owner: caller, ctx, retries: Default::default() });
         let fh = self.files.write().map_err(|_| Errno::EIO)?.insert(file) as u64;
         self.counters.opens_total.fetch_add(1, Ordering::Relaxed);
         log::info!("open {kind:?} by pid {} (uid {}): context {id}, fh {fh}", caller.tgid, caller.uid);
+        if let Some(r) = self.recorder.get() {
+            r.open(id, &caller, kind, &Ok(fh));
+        }
         Ok(fh)
     }
 
@@ -78,6 +104,9 @@ impl Mux {
         match file {
             Some(f) => {
                 f.ctx.release();
+                if let Some(r) = self.recorder.get() {
+                    r.release(f.id, &f.owner);
+                }
                 self.counters.releases_total.fetch_add(1, Ordering::Relaxed);
                 log::info!("release context {} (pid {})", f.id, f.owner.tgid);
             }
@@ -126,7 +155,10 @@ impl Mux {
         self.counters.ioctls_total.fetch_add(1, Ordering::Relaxed);
         let (file, caller) = match self.caller_file(fh, pid) {
             Ok(x) => x,
-            Err(e) => return reply.error(e),
+            Err(e) => {
+                self.rec_refused(fh, pid, cmd, in_data, e);
+                return reply.error(e);
+            }
         };
         if cmd == crate::handover::KFDMUX_IOC_HANDOVER_TOKEN {
             let token = self.tokens.issue(caller.tgid);
@@ -134,7 +166,10 @@ impl Mux {
         }
         let (def, variant) = match Self::lookup_cmd(file.kind, cmd) {
             Ok(x) => x,
-            Err(e) => return reply.error(e),
+            Err(e) => {
+                self.rec_refused(fh, pid, cmd, in_data, e);
+                return reply.error(e);
+            }
         };
         let call_size = ioc_size(cmd) as usize;
         let full = variant.arg.map(|a| a.size).unwrap_or(0).max(call_size);
@@ -146,13 +181,15 @@ impl Mux {
                 Ok(a) => a,
                 Err(e) => {
                     log::debug!("{}: marshalling failed: {e}", def.name);
+                    self.rec_refused(fh, pid, cmd, in_data, e);
                     return reply.error(e);
                 }
             },
             None => Vec::new(),
         };
         let call = IoctlCall { cmd, def, variant, arg, arrays, caller };
-        let sink = RestrictedDone { reply: Some(reply), pid: caller.pid, out_size: out_size as usize };
+        let rec = self.recorder.get().map(|r| r.begin_ioctl(file.id, env, &call));
+        let sink = RestrictedDone { reply: Some(reply), pid: caller.pid, out_size: out_size as usize, rec };
         file.ctx.ioctl(env, call, Done::new(Box::new(sink)));
     }
 
@@ -175,7 +212,10 @@ impl Mux {
         self.counters.ioctls_total.fetch_add(1, Ordering::Relaxed);
         let (file, caller) = match self.caller_file(fh, pid) {
             Ok(x) => x,
-            Err(e) => return reply.error(e),
+            Err(e) => {
+                self.rec_refused(fh, pid, cmd, in_data, e);
+                return reply.error(e);
+            }
         };
         if cmd == crate::handover::KFDMUX_IOC_HANDOVER_TOKEN {
             // Unrestricted: write the token straight to `arg` with one retry-free out iovec.
@@ -188,7 +228,10 @@ impl Mux {
         }
         let (def, variant) = match Self::lookup_cmd(file.kind, cmd) {
             Ok(x) => x,
-            Err(e) => return reply.error(e),
+            Err(e) => {
+                self.rec_refused(fh, pid, cmd, in_data, e);
+                return reply.error(e);
+            }
         };
         let usize_ = ioc_size(cmd) as usize;
         let struct_out = matches!(variant.dir, Dir::Read | Dir::ReadWrite);
@@ -204,7 +247,10 @@ impl Mux {
         let regions = match variant.arg {
             Some(sd) => match marshal::plan(sd, &argb) {
                 Ok(r) => r,
-                Err(e) => return reply.error(e),
+                Err(e) => {
+                    self.rec_refused(fh, pid, cmd, &argb[..usize_], e);
+                    return reply.error(e);
+                }
             },
             None => Vec::new(),
         };
@@ -271,7 +317,8 @@ impl Mux {
             arrays.push(crate::device::ArrayBuf { field: r.field, addr: r.addr, io: r.io, data });
         }
         let call = IoctlCall { cmd, def, variant, arg: argb, arrays, caller };
-        let sink = UnrestrictedDone { reply: Some(reply), struct_out: struct_out.then_some(usize_) };
+        let rec = self.recorder.get().map(|r| r.begin_ioctl(file.id, env, &call));
+        let sink = UnrestrictedDone { reply: Some(reply), struct_out: struct_out.then_some(usize_), rec };
         file.ctx.ioctl(env, call, Done::new(Box::new(sink)));
     }
 
@@ -317,11 +364,15 @@ pub struct PendingRetry {
 struct UnrestrictedDone {
     reply: Option<IoctlReply>,
     struct_out: Option<usize>,
+    rec: Option<crate::trace::PendingIoctl>,
 }
 
 impl DoneSink for UnrestrictedDone {
     fn complete(mut self: Box<Self>, call: IoctlCall, result: IoctlResult) {
         let Some(reply) = self.reply.take() else { return };
+        if let Some(p) = self.rec.take() {
+            p.finish(&call, &result, &result);
+        }
         let mut out = Vec::new();
         if let Some(n) = self.struct_out {
             out.extend_from_slice(&call.arg[..n.min(call.arg.len())]);
@@ -356,16 +407,21 @@ struct RestrictedDone {
     reply: Option<IoctlReply>,
     pid: u32,
     out_size: usize,
+    rec: Option<crate::trace::PendingIoctl>,
 }
 
 impl DoneSink for RestrictedDone {
     fn complete(mut self: Box<Self>, call: IoctlCall, result: IoctlResult) {
         let Some(reply) = self.reply.take() else { return };
         let mut result = result;
+        let dev_result = result;
         if result.is_ok() {
             if let Err(e) = marshal::write_back(self.pid, &call.arrays) {
                 result = Err(e);
             }
+        }
+        if let Some(p) = self.rec.take() {
+            p.finish(&call, &dev_result, &result);
         }
         let n = self.out_size.min(call.arg.len());
         match result {

@@ -35,6 +35,11 @@ pub struct RunOptions {
     /// instead of starting one.
     #[arg(long, value_name = "DIR")]
     pub daemon: Option<PathBuf>,
+    /// How the daemon kfdmux starts serves the device: FUSE files (needs kernel ≥ 6.9 for
+    /// mmap) or CUSE character devices (needs CONFIG_CUSE; mmap through the preload library,
+    /// which `run` puts in LD_PRELOAD).
+    #[arg(long, value_enum, default_value = "fuse")]
+    pub transport: crate::daemon::Transport,
     /// Run CMD as USER (a name, UID or UID:GID). Default: the user who ran sudo
     /// (SUDO_UID/SUDO_GID) when running as root through sudo, otherwise the current ids.
     #[arg(long, value_name = "USER")]
@@ -59,6 +64,7 @@ impl Default for RunOptions {
         RunOptions {
             gpus: "gfx90a:2".into(),
             daemon: None,
+            transport: crate::daemon::Transport::Fuse,
             user: None,
             keep_env: false,
             cmd: vec!["rocminfo".into()],
@@ -681,6 +687,8 @@ struct DaemonChild {
     child: Child,
     mount: PathBuf,
     log: Option<PathBuf>,
+    /// CUSE: the device nodes that must exist before CMD starts.
+    cuse_nodes: Vec<PathBuf>,
 }
 
 impl DaemonChild {
@@ -690,18 +698,28 @@ impl DaemonChild {
         mount: &Path,
         sysfs: &Path,
         log: &Path,
+        cuse: Option<&CuseRun>,
     ) -> Result<DaemonChild, String> {
-        if !Path::new("/dev/fuse").exists() {
-            return Err("/dev/fuse is missing: load the fuse module (modprobe fuse) or pass it into the container".into());
-        }
-        fs::create_dir(mount).map_err(|e| format!("mkdir {}: {e}", mount.display()))?;
         let mut cmd = Command::new(exe);
-        cmd.arg("serve")
-            .arg("--transport")
-            .arg("fuse")
-            .arg("--mount")
-            .arg(mount)
-            .arg("--gpus")
+        cmd.arg("serve");
+        match cuse {
+            None => {
+                if !Path::new("/dev/fuse").exists() {
+                    return Err("/dev/fuse is missing: load the fuse module (modprobe fuse) or pass it into the container".into());
+                }
+                fs::create_dir(mount).map_err(|e| format!("mkdir {}: {e}", mount.display()))?;
+                cmd.arg("--transport").arg("fuse").arg("--mount").arg(mount);
+            }
+            Some(c) => {
+                cmd.arg("--transport")
+                    .arg("cuse")
+                    .arg("--name")
+                    .arg(&c.name)
+                    .arg("--handover-socket")
+                    .arg(&c.socket);
+            }
+        }
+        cmd.arg("--gpus")
             .arg(gpus)
             .arg("--sysfs-out")
             .arg(sysfs)
@@ -723,6 +741,7 @@ impl DaemonChild {
             child,
             mount: mount.to_path_buf(),
             log,
+            cuse_nodes: cuse.map(|c| c.nodes.clone()).unwrap_or_default(),
         };
         d.wait_ready(sysfs)?;
         Ok(d)
@@ -751,7 +770,12 @@ impl DaemonChild {
                     self.log_text()
                 ));
             }
-            if is_fuse_mount(&self.mount) && self.mount.join("kfd").exists() {
+            let ready = if self.cuse_nodes.is_empty() {
+                is_fuse_mount(&self.mount) && self.mount.join("kfd").exists()
+            } else {
+                self.cuse_nodes.iter().all(|n| n.exists())
+            };
+            if ready {
                 break;
             }
             if Instant::now() > deadline {
@@ -809,6 +833,29 @@ impl Drop for DaemonChild {
         if let Ok(None) = self.child.try_wait() {
             self.stop();
         }
+    }
+}
+
+/// A CUSE daemon `kfdmux run` starts: its device names and hand-over socket.
+struct CuseRun {
+    /// DEVNAME of the kfd node (`kfdmux-run-<pid>/kfd`).
+    name: String,
+    socket: PathBuf,
+    /// `/dev/<name>` and each `/dev/<dir>/dri/renderD<minor>`.
+    nodes: Vec<PathBuf>,
+}
+
+impl CuseRun {
+    fn new(gpus: &str, work: &Path) -> Result<CuseRun, String> {
+        if !Path::new("/dev/cuse").exists() {
+            return Err("/dev/cuse is missing: this kernel has no CUSE loaded; try `modprobe cuse`, or use --transport fuse".into());
+        }
+        let name = format!("kfdmux-run-{}/kfd", std::process::id());
+        let mut nodes = vec![Path::new("/dev").join(&name)];
+        for g in crate::topology::parse_gpus(gpus)? {
+            nodes.push(Path::new("/dev").join(crate::transport::cuse::render_devname(&name, g.render_minor)));
+        }
+        Ok(CuseRun { name, socket: work.join("handover.sock"), nodes })
     }
 }
 
@@ -1061,6 +1108,27 @@ pub fn run_command(opts: &RunOptions) -> Result<i32, String> {
     };
 
     let mut daemon = None;
+    let cuse = match (opts.transport, &opts.daemon) {
+        (crate::daemon::Transport::Cuse, Some(_)) => {
+            return Err("--daemon works with the FUSE transport only".into())
+        }
+        (crate::daemon::Transport::Cuse, None) => Some(CuseRun::new(&opts.gpus, &work.0)?),
+        _ => None,
+    };
+    let mut exec = exec;
+    if let Some(c) = &cuse {
+        let lib = crate::handover::find_preload_lib().ok_or(
+            "libkfdmux_preload.so not found beside kfdmux: build it (`cargo build --workspace`) or set KFDMUX_PRELOAD",
+        )?;
+        let existing = std::env::var_os("LD_PRELOAD");
+        for (k, v) in crate::handover::preload_env(&lib, &c.socket, existing.as_deref()) {
+            let mut kv = k.clone();
+            kv.push("=");
+            kv.push(&v);
+            exec.envp.retain(|e| !e.as_bytes().starts_with(format!("{}=", k.to_string_lossy()).as_bytes()));
+            exec.envp.push(to_c(&kv)?);
+        }
+    }
     let (mount, sysfs) = match &opts.daemon {
         Some(dir) => {
             let dir =
@@ -1098,8 +1166,22 @@ pub fn run_command(opts: &RunOptions) -> Result<i32, String> {
                 &mount,
                 &sysfs,
                 &work.0.join("daemon.log"),
+                cuse.as_ref(),
             )?);
-            (mount, sysfs)
+            if let Some(c) = &cuse {
+                // The namespace links /dev/kfd and the render nodes to these: a directory of
+                // symlinks shaped like a FUSE mount, pointing at the CUSE nodes.
+                let links = work.0.join("cuse-links");
+                fs::create_dir(&links).map_err(|e| format!("mkdir {}: {e}", links.display()))?;
+                for n in &c.nodes {
+                    let name = n.file_name().ok_or("bad CUSE node name")?;
+                    std::os::unix::fs::symlink(n, links.join(name))
+                        .map_err(|e| format!("symlink {}: {e}", n.display()))?;
+                }
+                (links, sysfs)
+            } else {
+                (mount, sysfs)
+            }
         }
     };
     let render_minors =

@@ -96,6 +96,10 @@ impl Forked {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
         if pid == 0 {
+            // The child keeps only its own pipe ends: with the parent's write end of `go` open
+            // here too, closing it in the parent would never reach the child as EOF.
+            close(res[0]);
+            close(go[1]);
             let out = f();
             let mut byte = 0u8;
             // SAFETY: writing/reading our own buffers on our own pipe ends; then _exit.
@@ -358,11 +362,8 @@ fn mmap_is_passthrough_to_the_process_own_memory() {
         drm_fd: rfd as u32,
         gpu_id,
     };
-    assert_eq!(
-        ioctl(fd, AMDKFD_IOC_ACQUIRE_VM, &mut vm),
-        Ok(()),
-        "ACQUIRE_VM"
-    );
+    let r = ioctl(fd, AMDKFD_IOC_ACQUIRE_VM, &mut vm);
+    assert_eq!(r, Ok(()), "ACQUIRE_VM; daemon log:\n{}", d.log_text());
 
     let size = 2 * 4096u64;
     let mut alloc = KfdIoctlAllocMemoryOfGpuArgs {
@@ -453,6 +454,16 @@ fn mmap_is_passthrough_to_the_process_own_memory() {
         u64::MAX,
         "the daemon's write to the events slot shows in our mapping"
     );
+    // (Like the kernel, the daemon filled the whole events area with "unsignaled"; put the
+    // marker back for the checks below.)
+    // SAFETY: in bounds of the mapping.
+    unsafe { std::ptr::copy_nonoverlapping(far.as_ptr(), p1.add(4096), 8) };
+    // With passthrough, read() on the fd reaches the backing memfd as well.
+    let mut rb = [0u8; 8];
+    let at = (alloc.mmap_offset + 4096) as libc::off_t;
+    // SAFETY: reading 8 bytes into our own buffer.
+    let n = unsafe { libc::pread(rfd, rb.as_mut_ptr() as *mut _, 8, at) };
+    assert_eq!((n, rb), (8, far), "pread on the render node file");
 
     // Another process: it cannot open our inode (via /proc/<pid>/fd) nor use our fds for
     // ioctls; its own render node file is another inode backed by its own memory.

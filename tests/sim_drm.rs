@@ -61,7 +61,7 @@ fn get_client() {
     let ctx = h.open_render(0);
     let mut c = DrmClient::new_zeroed();
     assert_eq!(h.io0(&*ctx, DRM_IOCTL_GET_CLIENT, &mut c), Ok(()));
-    assert_eq!((c.auth, c.pid, c.uid), (1, TGID as u64, 65534));
+    assert_eq!((c.auth, c.pid, c.uid), (1, tgid() as u64, 65534));
     let mut c = DrmClient::new_zeroed();
     c.idx = 1;
     assert_eq!(

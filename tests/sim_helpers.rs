@@ -170,7 +170,27 @@ pub struct Harness {
     pub caller: Caller,
 }
 
-pub const TGID: u32 = 4242;
+/// The harness's caller is this test process itself, so the sim's checks against the caller's
+/// address space (USERPTR, SVM) and fd table (dma-buf) see real memory and real fds.
+pub fn tgid() -> u32 {
+    std::process::id()
+}
+
+/// Installs exported dma-bufs into this test process (what a CUSE transport would do for its
+/// client): the fd number is the harness's answer.
+pub struct SelfInstaller;
+
+impl kfdmux::device::sim::FdInstaller for SelfInstaller {
+    fn install(&self, _caller: &Caller, file: std::fs::File, cloexec: bool) -> Result<i32, Errno> {
+        use std::os::fd::IntoRawFd;
+        let fd = file.into_raw_fd();
+        if !cloexec {
+            // SAFETY: fcntl on an fd we own; clears FD_CLOEXEC only.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+        }
+        Ok(fd)
+    }
+}
 
 impl Harness {
     pub fn new(gpus: &str) -> Harness {
@@ -184,8 +204,8 @@ impl Harness {
             dev,
             env: TestEnv::default(),
             caller: Caller {
-                pid: TGID,
-                tgid: TGID,
+                pid: tgid(),
+                tgid: tgid(),
                 uid: 1000,
                 gid: 1000,
             },
@@ -287,4 +307,45 @@ impl Harness {
 /// `u32`s as little-endian bytes (device id arrays).
 pub fn u32s(v: &[u32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Anonymous memory of this process (USERPTR and SVM ranges must be mapped), unmapped on drop.
+pub struct Mapping {
+    pub addr: u64,
+    pub len: usize,
+}
+
+impl Mapping {
+    pub fn new(len: usize) -> Mapping {
+        // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "mmap");
+        Mapping {
+            addr: p as u64,
+            len,
+        }
+    }
+
+    /// Unmaps `[addr+off, addr+off+len)` (punches a hole into the mapping).
+    pub fn punch(&self, off: usize, len: usize) {
+        // SAFETY: the range lies inside our own mapping, which nothing else uses.
+        let r = unsafe { libc::munmap((self.addr as usize + off) as *mut libc::c_void, len) };
+        assert_eq!(r, 0);
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping (munmap of already-punched holes is harmless).
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
 }

@@ -81,7 +81,7 @@ fn map(
 }
 
 fn memfd(h: &Harness) -> File {
-    let pm = h.dev.process_memory(TGID).unwrap();
+    let pm = h.dev.process_memory(tgid()).unwrap();
     File::from(pm.backing_fd().try_clone_to_owned().unwrap())
 }
 
@@ -242,6 +242,7 @@ fn alloc_kinds_handles_and_offsets() {
     assert_eq!(v.handle, g1 << 32, "gpu_id << 32 | first idr id 0");
     let (_, g) = alloc(&h, &*ctx, 1, GTT, PAGE, 0x200000, 0);
     assert_eq!(g.handle, g1 << 32 | 1);
+    let user = Mapping::new(3 * PAGE as usize);
     let (r, u) = alloc(
         &h,
         &*ctx,
@@ -249,7 +250,7 @@ fn alloc_kinds_handles_and_offsets() {
         KFD_IOC_ALLOC_MEM_FLAGS_USERPTR,
         2 * PAGE,
         0x300000,
-        0x7f00_0000_0000,
+        user.addr,
     );
     assert_eq!(r, Ok(()));
     assert_eq!(u.handle, g1 << 32 | 2);
@@ -328,6 +329,34 @@ fn alloc_kinds_handles_and_offsets() {
         Err(Errno::EINVAL)
     );
     assert_eq!(alloc(&h, &*ctx, 1, GTT, 0, 0, 0).0, Err(Errno::EINVAL));
+    // USERPTR pages must be mapped in the caller: a hole in the range is EFAULT.
+    user.punch(2 * PAGE as usize, PAGE as usize);
+    assert_eq!(
+        alloc(
+            &h,
+            &*ctx,
+            1,
+            KFD_IOC_ALLOC_MEM_FLAGS_USERPTR,
+            3 * PAGE,
+            0x700000,
+            user.addr
+        )
+        .0,
+        Err(Errno::EFAULT)
+    );
+    assert_eq!(
+        alloc(
+            &h,
+            &*ctx,
+            1,
+            KFD_IOC_ALLOC_MEM_FLAGS_USERPTR,
+            PAGE,
+            0x700000,
+            user.addr + 2 * PAGE
+        )
+        .0,
+        Err(Errno::EFAULT)
+    );
     let mut bad = KfdIoctlAllocMemoryOfGpuArgs {
         va_addr: 0,
         size: PAGE,
@@ -727,7 +756,7 @@ fn settings_ioctls() {
     assert_eq!(h.io0(&*ctx, AMDKFD_IOC_RUNTIME_ENABLE, &mut re), Ok(()));
     // Debugger: unavailable.
     let mut d = KfdIoctlDbgTrapArgs::new_zeroed();
-    d.pid = TGID;
+    d.pid = tgid();
     assert_eq!(
         h.io0(&*ctx, AMDKFD_IOC_DBG_TRAP, &mut d),
         Err(Errno::EINVAL)
@@ -746,9 +775,9 @@ fn settings_ioctls() {
         h.io0(&*ctx, AMDKFD_IOC_DESTROY_QUEUE, &mut dq),
         Err(Errno::EINVAL)
     );
-    // SVM: as a kernel without CONFIG_HSA_AMD_SVM.
+    // SVM (on by default): an empty range at address 0 is EINVAL.
     let mut svm = KfdIoctlSvmArgs::new_zeroed();
-    assert_eq!(h.io0(&*ctx, AMDKFD_IOC_SVM, &mut svm), Err(Errno::EPERM));
+    assert_eq!(h.io0(&*ctx, AMDKFD_IOC_SVM, &mut svm), Err(Errno::EINVAL));
 }
 
 #[test]

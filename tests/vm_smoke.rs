@@ -25,7 +25,7 @@ fn effective_uid() -> Option<u32> {
     line.split_whitespace().nth(2)?.parse().ok()
 }
 
-/// `Err(reason)` when the VM cannot run here.
+/// `Some(reason)` when the VM cannot run here.
 fn vm_unavailable_reason() -> Option<String> {
     if effective_uid() != Some(0) {
         return Some("scripts/vm-test needs root (apt installs, /var/cache/kfdmux-vm)".into());

@@ -521,7 +521,10 @@ fn init_with_passthrough_wanted_and_offered() {
     // A socket cannot register backing files: OPEN falls back to direct I/O without a backing id.
     let e = k.lookup("kfd", my_pid()).expect("lookup");
     let o = k.open(e.nodeid, my_pid()).expect("open");
-    assert_eq!((o.open_flags, o.backing_id), (FOPEN_DIRECT_IO | FOPEN_NOFLUSH, 0));
+    assert_eq!(
+        (o.open_flags, o.backing_id),
+        (FOPEN_DIRECT_IO | FOPEN_NOFLUSH, 0)
+    );
 }
 
 #[test]

@@ -160,7 +160,7 @@ pub trait Env: Send + Sync {
     fn file_of_fd(&self, caller: &Caller, fd: i32) -> Result<Option<(FileKind, u32)>, Errno>;
 }
 
-/// The CPU-visible memory of one client process: one memfd per process (see docs/mmap.md).
+/// The CPU-visible memory of one client process: one memfd per process (see docs/fuse-transport.md).
 /// Offsets handed to the client as `mmap_offset` index into it.
 pub trait ProcessMemory: Send + Sync {
     /// The memfd backing all of this process's mappings.

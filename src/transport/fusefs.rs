@@ -1,7 +1,7 @@
 //! The FUSE-file transport: a one-directory filesystem holding `kfd`, one `renderD<minor>` per
 //! GPU and a `stats` text file.
 //!
-//! Isolation of mappings (see docs/mmap.md): the kernel lets all opens of one FUSE inode share
+//! Isolation of mappings (see docs/fuse-transport.md): the kernel lets all opens of one FUSE inode share
 //! a single passthrough backing file, so every client process gets inodes of its own — LOOKUP
 //! answers with an inode keyed by (file, caller's tgid) and a zero entry timeout, so each path
 //! walk asks again — and that inode's backing file is the memfd holding only that process's

@@ -13,8 +13,12 @@ use crate::abi::*;
 use crate::device::{Caller, DeviceContext, Done, Env, FileKind, IoctlCall, IoctlResult};
 use crate::errno::Errno;
 
+use super::dmabuf::{self, DmabufObj};
 use super::events::{self, EventState};
 use super::mem::{page_align, ProcMem, PAGE_SIZE};
+use super::procmaps;
+use super::queues::{self, PddQueues, QueueState};
+use super::svm::{self, SvmState};
 use super::timer::TimerKey;
 use super::Shared;
 
@@ -72,8 +76,8 @@ pub(crate) struct Pdd {
     pub scratch_va: u64,
     pub trap: Option<(u64, u64)>,
     pub policy: Option<(u32, u32, u64, u64)>,
-    /// The memfd offset of this GPU's doorbell buffer, if allocated (for queues later).
-    pub doorbell_off: Option<u64>,
+    /// Queue bookkeeping: doorbell slice, doorbell ids, queue count, GWS.
+    pub q: PddQueues,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +106,10 @@ pub(crate) struct Bo {
     pub userptr: u64,
     /// Which GPUs (by index) map it.
     pub mapped: Vec<bool>,
+    /// The dma-buf exported from this buffer, or the one it was imported from.
+    pub dmabuf: Option<Arc<DmabufObj>>,
+    /// Imported (IMPORT_DMABUF): no memory of its own, not accounted.
+    pub imported: bool,
 }
 
 impl Bo {
@@ -117,6 +125,8 @@ pub(crate) struct KfdState {
     pub pdds: Vec<Pdd>,
     pub bos: HashMap<u64, Bo>,
     pub ev: EventState,
+    pub queues: QueueState,
+    pub svm: SvmState,
     pub xnack: bool,
     pub runtime_enabled: bool,
     pub r_debug: u64,
@@ -156,12 +166,12 @@ fn handler(nr: u32) -> Option<(&'static str, Handler)> {
     use Handler::Sync as S;
     Some(match nr {
         0x01 => ("GET_VERSION", S(get_version)),
-        0x02 => ("CREATE_QUEUE", S(create_queue)),
-        0x03 => ("DESTROY_QUEUE", S(no_queue_einval)),
+        0x02 => ("CREATE_QUEUE", S(queues::create_queue)),
+        0x03 => ("DESTROY_QUEUE", S(queues::destroy_queue)),
         0x04 => ("SET_MEMORY_POLICY", S(set_memory_policy)),
         0x05 => ("GET_CLOCK_COUNTERS", S(get_clock_counters)),
         0x06 => ("GET_PROCESS_APERTURES", S(get_process_apertures)),
-        0x07 => ("UPDATE_QUEUE", S(no_queue_efault)),
+        0x07 => ("UPDATE_QUEUE", S(queues::update_queue)),
         0x08 => ("CREATE_EVENT", S(events::create_event)),
         0x09 => ("DESTROY_EVENT", S(events::destroy_event)),
         0x0A => ("SET_EVENT", S(events::set_event)),
@@ -177,17 +187,17 @@ fn handler(nr: u32) -> Option<(&'static str, Handler)> {
         0x17 => ("FREE_MEMORY_OF_GPU", S(free_memory_of_gpu)),
         0x18 => ("MAP_MEMORY_TO_GPU", S(map_memory_to_gpu)),
         0x19 => ("UNMAP_MEMORY_FROM_GPU", S(unmap_memory_from_gpu)),
-        0x1A => ("SET_CU_MASK", S(set_cu_mask)),
-        0x1B => ("GET_QUEUE_WAVE_STATE", S(no_queue_efault)),
-        0x1C => ("GET_DMABUF_INFO", S(not_our_dmabuf)),
-        0x1D => ("IMPORT_DMABUF", S(not_our_dmabuf)),
-        0x1E => ("ALLOC_QUEUE_GWS", S(no_queue_einval)),
+        0x1A => ("SET_CU_MASK", S(queues::set_cu_mask)),
+        0x1B => ("GET_QUEUE_WAVE_STATE", S(queues::get_queue_wave_state)),
+        0x1C => ("GET_DMABUF_INFO", S(dmabuf::get_dmabuf_info)),
+        0x1D => ("IMPORT_DMABUF", S(dmabuf::import_dmabuf)),
+        0x1E => ("ALLOC_QUEUE_GWS", S(queues::alloc_queue_gws)),
         0x1F => ("SMI_EVENTS", S(smi_events)),
-        0x20 => ("SVM", S(svm)),
+        0x20 => ("SVM", S(svm::svm_ioctl)),
         0x21 => ("SET_XNACK_MODE", S(set_xnack_mode)),
         0x22 => ("CRIU_OP", S(not_implemented)),
         0x23 => ("AVAILABLE_MEMORY", S(available_memory)),
-        0x24 => ("EXPORT_DMABUF", S(export_dmabuf)),
+        0x24 => ("EXPORT_DMABUF", S(dmabuf::export_dmabuf)),
         0x25 => ("RUNTIME_ENABLE", S(runtime_enable)),
         0x26 => ("DBG_TRAP", S(dbg_trap)),
         0x27 => ("CREATE_PROCESS", S(create_process)),
@@ -212,6 +222,8 @@ impl KfdCtx {
             pdds,
             bos: HashMap::new(),
             ev: EventState::default(),
+            queues: QueueState::default(),
+            svm: SvmState::default(),
             xnack: false,
             runtime_enabled: false,
             r_debug: 0,
@@ -363,6 +375,8 @@ impl Drop for KfdCtx {
 /// Frees every buffer, event, waiter and acquired VM of the context (release, CREATE_PROCESS).
 fn free_all(cx: &mut Cx) {
     events::free_all(cx);
+    queues::free_all(cx);
+    svm::free_all(cx);
     let handles: Vec<u64> = cx.st.bos.keys().copied().collect();
     for h in handles {
         if let Some(bo) = cx.st.bos.remove(&h) {
@@ -377,11 +391,15 @@ fn free_all(cx: &mut Cx) {
 /// Returns a removed buffer's memory, accounting and handle id.
 fn drop_bo(cx: &mut Cx, handle: u64, bo: Bo) {
     let sh = &cx.inner.shared;
-    if let Some(off) = bo.mem_off {
+    // A doorbell buffer shows the GPU's doorbell slice, which belongs to the context's queues.
+    if let (Some(off), false) = (bo.mem_off, bo.kind == BoKind::Doorbell) {
         cx.inner.mem.free(off, bo.size);
     }
-    if bo.kind == BoKind::Vram {
-        sh.vram_unreserve(bo.gpu, bo.size);
+    match bo.kind {
+        _ if bo.imported => {}
+        BoKind::Vram => sh.vram_unreserve(bo.gpu, bo.size),
+        BoKind::Gtt => sh.gtt_unreserve(bo.size),
+        _ => {}
     }
     for (gi, m) in bo.mapped.iter().enumerate() {
         if *m {
@@ -392,9 +410,6 @@ fn drop_bo(cx: &mut Cx, handle: u64, bo: Bo) {
     }
     if let Some(p) = cx.st.pdds.get_mut(bo.gpu) {
         p.idr.free(handle as u32);
-        if bo.kind == BoKind::Doorbell && p.doorbell_off == bo.mem_off {
-            p.doorbell_off = None;
-        }
     }
     sh.stats.buffers.fetch_sub(1, Ordering::Relaxed);
     sh.stats.buffer_bytes.fetch_sub(bo.size, Ordering::Relaxed);
@@ -482,6 +497,8 @@ fn get_process_apertures_new(cx: &mut Cx, call: &mut IoctlCall) -> IoctlResult {
     for (i, e) in entries.iter().enumerate() {
         buf[i * esz..(i + 1) * esz].copy_from_slice(zerocopy::IntoBytes::as_bytes(e));
     }
+    // The kernel copies only the filled entries; the rest of the caller's buffer is untouched.
+    buf.truncate(count * esz);
     a.num_of_nodes = count as u32;
     call.set_args(&a);
     Ok(())
@@ -616,7 +633,11 @@ fn set_xnack_mode(cx: &mut Cx, call: &mut IoctlCall) -> IoctlResult {
         call.set_args(&a);
         return Ok(());
     }
-    // No user queues exist in the sim, so the "queues running" EBUSY case cannot arise.
+    // The mode changes only while the process has no queues (also to the same value).
+    if !cx.st.queues.is_empty() {
+        log::debug!("sim kfd: SET_XNACK_MODE with user queues: EBUSY");
+        return Err(Errno::EBUSY);
+    }
     let want = a.xnack_enabled != 0;
     if want == cx.st.xnack {
         return Ok(());
@@ -675,15 +696,6 @@ fn create_process(cx: &mut Cx, call: &mut IoctlCall) -> IoctlResult {
     Ok(())
 }
 
-fn svm(cx: &mut Cx, _call: &mut IoctlCall) -> IoctlResult {
-    if cx.st.secondary {
-        return Err(Errno::EOPNOTSUPP);
-    }
-    // As a kernel built without CONFIG_HSA_AMD_SVM.
-    log::debug!("sim kfd: SVM not supported");
-    Err(Errno::EPERM)
-}
-
 fn acquire_vm(cx: &mut Cx, call: &mut IoctlCall) -> IoctlResult {
     let a: KfdIoctlAcquireVmArgs = call.args();
     let file = match cx.env.file_of_fd(&call.caller, a.drm_fd as i32) {
@@ -728,9 +740,21 @@ pub(crate) fn doorbell_slice(gfx_target_version: u32) -> u64 {
 fn alloc_memory_of_gpu(cx: &mut Cx, call: &mut IoctlCall) -> IoctlResult {
     let mut a: KfdIoctlAllocMemoryOfGpuArgs = call.args();
     let flags = a.flags;
-    if flags & KFD_IOC_ALLOC_MEM_FLAGS_USERPTR != 0 && cx.st.secondary {
+    let is_userptr = flags & KFD_IOC_ALLOC_MEM_FLAGS_USERPTR != 0;
+    if is_userptr && cx.st.secondary {
         log::debug!("sim kfd: USERPTR is not supported on a secondary context");
         return Err(Errno::EOPNOTSUPP);
+    }
+    if a.size == 0 {
+        return Err(Errno::EINVAL);
+    }
+    // GPU VA (and, for USERPTR, CPU VA) already taken by SVM ranges.
+    if cx.shared().cfg.svm
+        && (cx.st.svm.overlaps_bytes(a.va_addr, a.size)
+            || (is_userptr && cx.st.svm.overlaps_bytes(a.mmap_offset, a.size)))
+    {
+        log::debug!("sim kfd: address {:#x} already allocated by SVM: EADDRINUSE", a.va_addr);
+        return Err(Errno(libc::EADDRINUSE));
     }
     let gi = cx.pdd_index(a.gpu_id)?;
     cx.bound(gi)?;
@@ -746,7 +770,7 @@ fn alloc_memory_of_gpu(cx: &mut Cx, call: &mut IoctlCall) -> IoctlResult {
         BoKind::Vram
     } else if flags & KFD_IOC_ALLOC_MEM_FLAGS_GTT != 0 {
         BoKind::Gtt
-    } else if flags & KFD_IOC_ALLOC_MEM_FLAGS_USERPTR != 0 {
+    } else if is_userptr {
         BoKind::Userptr
     } else if flags & KFD_IOC_ALLOC_MEM_FLAGS_DOORBELL != 0 {
         BoKind::Doorbell
@@ -755,75 +779,87 @@ fn alloc_memory_of_gpu(cx: &mut Cx, call: &mut IoctlCall) -> IoctlResult {
     } else {
         return Err(Errno::EINVAL);
     };
-    if a.size == 0 {
-        return Err(Errno::EINVAL);
-    }
     let size = page_align(a.size).ok_or(Errno::EINVAL)?;
     if size > (1u64 << 47) {
         return Err(Errno::ENOMEM);
     }
     let mut userptr = 0;
     if kind == BoKind::Userptr {
-        // The kernel requires a non-zero address; an unaligned one is refused here too
-        // (the sim checks no more than this; the mapping itself is a later issue).
+        // The kernel requires a non-zero address; an unaligned one is refused here too.
         if a.mmap_offset == 0 || !a.mmap_offset.is_multiple_of(PAGE_SIZE) {
             return Err(Errno::EINVAL);
         }
         userptr = a.mmap_offset;
     }
-    if kind == BoKind::Vram {
-        cx.shared().vram_reserve(gi, size).inspect_err(|_| {
+    // amdgpu_amdkfd_reserve_mem_limit: VRAM per GPU, GTT device-wide.
+    match kind {
+        BoKind::Vram => cx.shared().vram_reserve(gi, size).inspect_err(|_| {
             log::debug!("sim kfd: VRAM of GPU {gi} exhausted ({size:#x} bytes asked): ENOMEM");
-        })?;
+        })?,
+        BoKind::Gtt => cx.shared().gtt_reserve(size).inspect_err(|_| {
+            log::debug!("sim kfd: GTT limit reached ({size:#x} bytes asked): ENOMEM");
+        })?,
+        _ => {}
     }
-    let mem_off = if kind == BoKind::Userptr {
-        None
-    } else {
-        match cx.inner.mem.alloc(size) {
+    let unreserve = |cx: &Cx| match kind {
+        BoKind::Vram => cx.shared().vram_unreserve(gi, size),
+        BoKind::Gtt => cx.shared().gtt_unreserve(size),
+        _ => {}
+    };
+    // init_user_pages: every page of the range must be mapped in the caller (EFAULT).
+    if kind == BoKind::Userptr {
+        procmaps::require_mapped(call.caller.pid, userptr, size, "USERPTR range")?;
+    }
+    let mem_off = match kind {
+        BoKind::Userptr => None,
+        // The GPU's doorbell slice of this context (shared with its queues).
+        BoKind::Doorbell => Some(queues::doorbell_slice_of(cx, gi)?),
+        _ => match cx.inner.mem.alloc(size) {
             Ok(o) => Some(o),
             Err(e) => {
-                if kind == BoKind::Vram {
-                    cx.shared().vram_unreserve(gi, size);
-                }
+                unreserve(cx);
                 return Err(e);
             }
-        }
-    };
-    let Some(idr) = cx.st.pdds[gi].idr.alloc(u32::MAX) else {
-        if let Some(o) = mem_off {
-            cx.inner.mem.free(o, size);
-        }
-        if kind == BoKind::Vram {
-            cx.shared().vram_unreserve(gi, size);
-        }
-        return Err(Errno::EFAULT);
-    };
-    let handle = ((a.gpu_id as u64) << 32) | idr as u64;
-    let ngpus = cx.st.pdds.len();
-    cx.st.bos.insert(
-        handle,
-        Bo {
-            gpu: gi,
-            kind,
-            flags,
-            va: a.va_addr,
-            size,
-            mem_off,
-            userptr,
-            mapped: vec![false; ngpus],
         },
-    );
-    if kind == BoKind::Doorbell {
-        cx.st.pdds[gi].doorbell_off = mem_off;
-    }
-    let sh = cx.shared();
-    sh.stats.buffers.fetch_add(1, Ordering::Relaxed);
-    sh.stats.buffer_bytes.fetch_add(size, Ordering::Relaxed);
-    a.handle = handle;
+    };
+    let bo = Bo {
+        gpu: gi,
+        kind,
+        flags,
+        va: a.va_addr,
+        size,
+        mem_off,
+        userptr,
+        mapped: vec![false; cx.st.pdds.len()],
+        dmabuf: None,
+        imported: false,
+    };
+    a.handle = match insert_bo(cx, a.gpu_id, gi, bo) {
+        Ok(h) => h,
+        Err(e) => {
+            if let (Some(o), false) = (mem_off, kind == BoKind::Doorbell) {
+                cx.inner.mem.free(o, size);
+            }
+            unreserve(cx);
+            return Err(e);
+        }
+    };
     // Our own offsets into the process memfd; USERPTR buffers have none.
     a.mmap_offset = mem_off.unwrap_or(0);
     call.set_args(&a);
     Ok(())
+}
+
+/// Gives `bo` a handle of GPU `gi` (`gpu_id << 32 | lowest free id`) and counts it.
+pub(crate) fn insert_bo(cx: &mut Cx, gpu_id: u32, gi: usize, bo: Bo) -> Result<u64, Errno> {
+    // kfd_process_device_create_obj_handle failing is EFAULT in the kernel.
+    let idr = cx.st.pdds[gi].idr.alloc(u32::MAX).ok_or(Errno::EFAULT)?;
+    let handle = ((gpu_id as u64) << 32) | idr as u64;
+    let sh = cx.shared();
+    sh.stats.buffers.fetch_add(1, Ordering::Relaxed);
+    sh.stats.buffer_bytes.fetch_add(bo.size, Ordering::Relaxed);
+    cx.st.bos.insert(handle, bo);
+    Ok(handle)
 }
 
 fn free_memory_of_gpu(cx: &mut Cx, call: &mut IoctlCall) -> IoctlResult {
@@ -945,49 +981,7 @@ fn unmap_memory_from_gpu(cx: &mut Cx, call: &mut IoctlCall) -> IoctlResult {
     result
 }
 
-fn export_dmabuf(cx: &mut Cx, call: &mut IoctlCall) -> IoctlResult {
-    let a: KfdIoctlExportDmabufArgs = call.args();
-    if !cx.st.bos.contains_key(&a.handle) {
-        return Err(Errno::EINVAL);
-    }
-    log::warn!(
-        "sim kfd: EXPORT_DMABUF is not implemented (cannot create fds in the caller): ENOTTY"
-    );
-    Err(Errno::ENOTTY)
-}
-
 // ---- queues and the rest -------------------------------------------------------------------
-
-fn create_queue(cx: &mut Cx, call: &mut IoctlCall) -> IoctlResult {
-    let a: KfdIoctlCreateQueueArgs = call.args();
-    let gi = cx.pdd_index(a.gpu_id)?;
-    cx.bound(gi)?;
-    log::warn!("sim kfd: CREATE_QUEUE is not implemented yet: ENOTTY");
-    Err(Errno::ENOTTY)
-}
-
-/// Queue ioctls whose kernel answer for an unknown queue id is EINVAL (no queue exists).
-fn no_queue_einval(_cx: &mut Cx, _call: &mut IoctlCall) -> IoctlResult {
-    Err(Errno::EINVAL)
-}
-
-/// Queue ioctls whose kernel answer for an unknown queue id is EFAULT.
-fn no_queue_efault(_cx: &mut Cx, _call: &mut IoctlCall) -> IoctlResult {
-    Err(Errno::EFAULT)
-}
-
-fn set_cu_mask(_cx: &mut Cx, call: &mut IoctlCall) -> IoctlResult {
-    let a: KfdIoctlSetCuMaskArgs = call.args();
-    if a.num_cu_mask == 0 || !a.num_cu_mask.is_multiple_of(32) {
-        return Err(Errno::EINVAL);
-    }
-    Err(Errno::EFAULT)
-}
-
-/// The sim never hands out dma-bufs, so no fd the caller passes is one the device knows.
-fn not_our_dmabuf(_cx: &mut Cx, _call: &mut IoctlCall) -> IoctlResult {
-    Err(Errno::EINVAL)
-}
 
 fn smi_events(cx: &mut Cx, call: &mut IoctlCall) -> IoctlResult {
     let a: KfdIoctlSmiEventsArgs = call.args();

@@ -55,6 +55,27 @@ impl RangeAlloc {
         Some(start)
     }
 
+    /// A range of `len` bytes starting at a multiple of `align` (a power-of-two multiple of the
+    /// page size); the pieces before and after it stay free.
+    pub fn alloc_aligned(&mut self, len: u64, align: u64) -> Option<u64> {
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE) || !align.is_power_of_two() {
+            return None;
+        }
+        let (&start, &flen, at) = self.free.iter().find_map(|(s, l)| {
+            let at = s.checked_add(align - 1)? & !(align - 1);
+            (at.checked_add(len)? <= s + l).then_some((s, l, at))
+        })?;
+        self.free.remove(&start);
+        if at > start {
+            self.free.insert(start, at - start);
+        }
+        if start + flen > at + len {
+            self.free.insert(at + len, start + flen - at - len);
+        }
+        self.used_bytes += len;
+        Some(at)
+    }
+
     /// Returns `[start, start+len)`, merging it with free neighbours.
     pub fn free(&mut self, start: u64, len: u64) {
         let mut s = start;
@@ -122,6 +143,19 @@ impl ProcMem {
         a.alloc(len).ok_or_else(|| {
             log::warn!(
                 "sim: process {} memfd has no free range of {len} bytes",
+                self.tgid
+            );
+            Errno::ENOMEM
+        })
+    }
+
+    /// Like [`ProcMem::alloc`], aligned to `align` bytes (doorbell slices).
+    pub fn alloc_aligned(&self, len: u64, align: u64) -> Result<u64, Errno> {
+        let len = page_align(len).ok_or(Errno::ENOMEM)?;
+        let mut a = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
+        a.alloc_aligned(len, align.max(PAGE_SIZE)).ok_or_else(|| {
+            log::warn!(
+                "sim: process {} memfd has no free aligned range of {len} bytes",
                 self.tgid
             );
             Errno::ENOMEM
@@ -209,5 +243,18 @@ mod tests {
         assert_eq!(a.used_bytes, 0);
         assert!(a.alloc(16 * PAGE_SIZE).is_none());
         assert_eq!(a.alloc(15 * PAGE_SIZE), Some(PAGE_SIZE));
+    }
+
+    #[test]
+    fn aligned_alloc_keeps_the_pieces() {
+        let mut a = RangeAlloc::new(PAGE_SIZE, 16 * PAGE_SIZE);
+        let x = a.alloc_aligned(2 * PAGE_SIZE, 2 * PAGE_SIZE).unwrap();
+        assert_eq!(x, 2 * PAGE_SIZE);
+        // The page before it is still free.
+        assert_eq!(a.alloc(PAGE_SIZE), Some(PAGE_SIZE));
+        assert_eq!(a.alloc(PAGE_SIZE), Some(4 * PAGE_SIZE));
+        assert_eq!(a.alloc_aligned(2 * PAGE_SIZE, 8 * PAGE_SIZE), Some(8 * PAGE_SIZE));
+        assert_eq!(a.used_bytes, 6 * PAGE_SIZE);
+        assert!(a.alloc_aligned(PAGE_SIZE, 3 * PAGE_SIZE).is_none(), "alignment must be 2^n");
     }
 }

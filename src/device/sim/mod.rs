@@ -7,10 +7,14 @@
 //! from the setter's thread, the device's single timer thread, or the interrupt canceller.
 //! What each ioctl does, and where the sim knowingly differs from the kernel: docs/sim.md.
 
+pub mod dmabuf;
 pub mod drm;
 pub mod events;
 pub mod kfd;
 pub mod mem;
+pub mod procmaps;
+pub mod queues;
+pub mod svm;
 pub mod timer;
 
 use std::collections::HashMap;
@@ -34,6 +38,13 @@ pub struct SimConfig {
     pub drm_minor: u32,
     /// Size of each process's sparse memfd (bytes; mmap offsets stay below it).
     pub memfd_size: u64,
+    /// `AMDKFD_IOC_SVM` works (a kernel built with CONFIG_HSA_AMD_SVM). Off: every SVM call
+    /// answers EPERM, as such a kernel does. The topology must agree: its GPU nodes carry
+    /// `HSA_CAP_SVMAPI_SUPPORTED` exactly when this is on (`TopologyOptions::svm_capability`).
+    pub svm: bool,
+    /// Limit on GTT allocations of all contexts and GPUs together (the kernel's TTM limit,
+    /// device-independent); 0 = half of the host's RAM, as the kernel's default.
+    pub gtt_bytes: u64,
 }
 
 impl Default for SimConfig {
@@ -42,6 +53,8 @@ impl Default for SimConfig {
             kfd_minor: 14,
             drm_minor: 54,
             memfd_size: 1 << 40,
+            svm: true,
+            gtt_bytes: 0,
         }
     }
 }
@@ -56,6 +69,8 @@ pub(crate) struct Stats {
     pub events: AtomicU64,
     pub waiters: AtomicU64,
     pub processes: AtomicU64,
+    pub queues: AtomicU64,
+    pub svm_ranges: AtomicU64,
 }
 
 /// VRAM accounting of one GPU, shared by all contexts (the kernel's limit is per device).
@@ -79,6 +94,23 @@ pub(crate) struct Shared {
     pub next_ctx: AtomicU64,
     pub stats: Stats,
     pub timer: Arc<timer::Timer>,
+    /// Bytes of live GTT buffers (all contexts, all GPUs) and their limit.
+    pub gtt_used: AtomicU64,
+    pub gtt_limit: u64,
+    /// Per-GPU queue bookkeeping shared by all contexts (HWS limits, SDMA queue slots).
+    pub dev_queues: Vec<Mutex<queues::DevQueues>>,
+    /// dma-bufs this device exported, by the inode of their memfd.
+    pub dmabufs: dmabuf::Registry,
+    /// How an exported dma-buf reaches the caller's fd table (None: it cannot).
+    pub fd_installer: Mutex<Option<Arc<dyn FdInstaller>>>,
+}
+
+/// Puts a file into a client's fd table (EXPORT_DMABUF). Transports that can do that (CUSE with
+/// the preload hand-over socket, or a test harness) register one with
+/// [`SimDevice::set_fd_installer`]; without one EXPORT_DMABUF answers EOPNOTSUPP.
+pub trait FdInstaller: Send + Sync {
+    /// Installs `file` in `caller`'s fd table; returns the fd number there.
+    fn install(&self, caller: &Caller, file: std::fs::File, cloexec: bool) -> Result<i32, Errno>;
 }
 
 impl Shared {
@@ -120,6 +152,24 @@ impl Shared {
             });
     }
 
+    /// Reserves `size` bytes of GTT (device-wide, like the kernel's TTM limit); ENOMEM when full.
+    pub fn gtt_reserve(&self, size: u64) -> Result<(), Errno> {
+        self.gtt_used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(size).filter(|&n| n <= self.gtt_limit)
+            })
+            .map(|_| ())
+            .map_err(|_| Errno::ENOMEM)
+    }
+
+    pub fn gtt_unreserve(&self, size: u64) {
+        let _ = self
+            .gtt_used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(size))
+            });
+    }
+
     /// VRAM still available on GPU `gi`, as AVAILABLE_MEMORY reports it.
     pub fn vram_available(&self, gi: usize) -> u64 {
         let total = self.gpus[gi].preset.vram_bytes;
@@ -143,6 +193,17 @@ impl Shared {
     }
 }
 
+/// The host's RAM in bytes (sysinfo), 0 if unknown.
+fn host_ram() -> u64 {
+    // SAFETY: sysinfo only writes the struct we pass; a zeroed sysinfo is a valid value.
+    let mut si: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: `si` is a valid, writable sysinfo for the duration of the call.
+    if unsafe { libc::sysinfo(&mut si) } != 0 {
+        return 0;
+    }
+    (si.totalram as u64).saturating_mul(si.mem_unit.max(1) as u64)
+}
+
 /// The simulated device.
 pub struct SimDevice {
     shared: Arc<Shared>,
@@ -152,6 +213,15 @@ impl SimDevice {
     /// A device serving `gpus` (from `topology::parse_gpus`).
     pub fn new(gpus: Vec<Gpu>, cfg: SimConfig) -> Arc<SimDevice> {
         let vram = gpus.iter().map(|_| VramAccount::default()).collect();
+        let gtt_limit = if cfg.gtt_bytes == 0 {
+            host_ram() / 2
+        } else {
+            cfg.gtt_bytes
+        };
+        let dev_queues = gpus
+            .iter()
+            .map(|_| Mutex::new(queues::DevQueues::default()))
+            .collect();
         let shared = Arc::new(Shared {
             cfg,
             gpus,
@@ -160,6 +230,11 @@ impl SimDevice {
             next_ctx: AtomicU64::new(1),
             stats: Stats::default(),
             timer: timer::Timer::new(),
+            gtt_used: AtomicU64::new(0),
+            gtt_limit,
+            dev_queues,
+            dmabufs: dmabuf::Registry::default(),
+            fd_installer: Mutex::new(None),
         });
         Arc::new(SimDevice { shared })
     }
@@ -170,6 +245,23 @@ impl SimDevice {
 
     pub fn gpus(&self) -> &[Gpu] {
         &self.shared.gpus
+    }
+
+    /// Lets EXPORT_DMABUF hand fds to clients (see [`FdInstaller`]).
+    pub fn set_fd_installer(&self, installer: Arc<dyn FdInstaller>) {
+        *self
+            .shared
+            .fd_installer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(installer);
+    }
+
+    /// Bytes of GTT in use (all contexts) and the limit.
+    pub fn gtt_usage(&self) -> (u64, u64) {
+        (
+            self.shared.gtt_used.load(Ordering::Acquire),
+            self.shared.gtt_limit,
+        )
     }
 
     /// VRAM bytes AVAILABLE_MEMORY would report for GPU index `gi` (None if out of range).
@@ -240,6 +332,10 @@ impl Device for SimDevice {
             ("waiters", l(&s.waiters)),
             ("processes", l(&s.processes)),
             ("timers", self.shared.timer.len() as u64),
+            ("queues", l(&s.queues)),
+            ("svm_ranges", l(&s.svm_ranges)),
+            ("dmabufs", self.shared.dmabufs.live()),
+            ("gtt_used", self.shared.gtt_used.load(Ordering::Relaxed)),
         ];
         for (i, a) in self.shared.vram.iter().enumerate() {
             // Names must be 'static; the first 8 GPUs get a counter each.

@@ -1,0 +1,3 @@
+//! kfdmux's fuzz targets as library functions (see docs/fuzzing.md).
+pub mod kernel;
+pub mod targets;
