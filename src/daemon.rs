@@ -18,6 +18,15 @@ pub enum Transport {
     Cuse,
 }
 
+/// The device below the mux.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// The software KFD.
+    Sim,
+    /// The kernel's KFD, forwarded (docs/kfd-device.md).
+    Kfd,
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeOptions {
     /// How clients reach the device.
@@ -36,6 +45,10 @@ pub struct ServeOptions {
     /// `kfd/topology/...` (for /sys/devices/virtual/kfd) and `module/amdgpu/...`.
     #[arg(long)]
     pub sysfs_out: Option<PathBuf>,
+    /// Let the sim accept AMDKFD_IOC_SVM and advertise it (SVMAPISupported, capability bit 27)
+    /// in the topology; off, SVM answers EPERM and the bit is clear — the two always agree.
+    #[arg(long)]
+    pub svm: bool,
     /// KFD minor version the sim reports with GET_VERSION.
     #[arg(long, default_value_t = SimConfig::default().kfd_minor)]
     pub kfd_minor: u32,
@@ -69,6 +82,39 @@ pub struct ServeOptions {
     /// Live kfd contexts one uid may hold; beyond it open gets ENOSPC.
     #[arg(long, value_name = "N")]
     pub max_contexts_per_uid: Option<u32>,
+    /// Which device answers: the simulator, or the real kernel KFD (`--kfd-path`), forwarded.
+    #[arg(long, value_enum, default_value = "sim")]
+    pub device: DeviceKind,
+    /// The kernel's kfd file (`--device kfd`).
+    #[arg(long, value_name = "PATH", default_value = "/dev/kfd")]
+    pub kfd_path: PathBuf,
+    /// Directory of the kernel's render nodes (`--device kfd`; default: beside `--kfd-path`,
+    /// or /dev/dri for /dev/kfd).
+    #[arg(long, value_name = "DIR")]
+    pub kfd_render_dir: Option<PathBuf>,
+    /// The kernel's kfd sysfs directory holding `topology/` (`--device kfd`).
+    #[arg(long, value_name = "DIR", default_value = "/sys/devices/virtual/kfd/kfd")]
+    pub kfd_sysfs: PathBuf,
+    /// GPUs the kfd device gives out, by index among the host's GPU nodes (e.g. `0,2`; default all).
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub kfd_gpus: Option<Vec<usize>>,
+    /// How client contexts get kernel contexts (`--device kfd`).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub kfd_contexts: crate::device::kfd::ContextMode,
+    /// Doorbell relay polling interval in microseconds (`--device kfd`).
+    #[arg(long, value_name = "US", default_value_t = 100)]
+    pub doorbell_poll_us: u64,
+    /// Make the sim behave like the kernel for forwarding tests: `shared` (before KFD 1.19: one
+    /// context per process) or `v119` (CREATE_PROCESS makes secondary contexts).
+    #[arg(long, value_enum, default_value = "off")]
+    pub kernel_mode: crate::device::kernelmode::KernelMode,
+    /// Internal: run as a context host on socket FD for a client UID:GID (`--device kfd`).
+    #[arg(long, value_name = "FD:UID:GID", hide = true)]
+    pub context_host: Option<String>,
+    /// Serve the instances of a configuration file instead (docs/containers.md); the
+    /// per-device flags then come from the file.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["mount", "sysfs_out", "record", "handover_socket"])]
+    pub config: Option<PathBuf>,
 }
 
 impl ServeOptions {
@@ -134,17 +180,28 @@ fn abort_connection(dev: u64) {
 }
 
 pub fn serve(opts: &ServeOptions) -> Result<(), String> {
+    if let Some(path) = &opts.config {
+        return serve_config(path, opts);
+    }
+    if let Some(spec) = &opts.context_host {
+        return crate::device::kfd::host::run(spec, &opts.kfd_path, std::time::Duration::from_micros(opts.doorbell_poll_us));
+    }
+    if opts.device == DeviceKind::Kfd {
+        return serve_kfd(opts);
+    }
     let gpus = crate::topology::parse_gpus(&opts.gpus)?;
+    let cfg = SimConfig { kfd_minor: opts.kfd_minor, svm: opts.svm, ..Default::default() };
     if let Some(sdir) = opts.sysfs_dir() {
         let _ = std::fs::remove_dir_all(&sdir);
-        crate::sysfs::write_topology(&sdir, &gpus, &Default::default())
+        let topo = crate::sysfs::TopologyOptions { svm_capability: cfg.svm, ..Default::default() };
+        crate::sysfs::write_topology(&sdir, &gpus, &topo)
             .map_err(|e| format!("writing the topology into {}: {e}", sdir.display()))?;
         crate::sysfs::write_amdgpu_module(&sdir.join("module/amdgpu"))
             .map_err(|e| format!("writing {}/module/amdgpu: {e}", sdir.display()))?;
     }
-    let cfg = SimConfig { kfd_minor: opts.kfd_minor, ..Default::default() };
     let header = opts.record.as_ref().map(|_| crate::trace::Header::for_sim(&opts.gpus, &gpus, &cfg));
     let device: Arc<dyn Device> = SimDevice::new(gpus, cfg);
+    let device = crate::device::kernelmode::KernelModeDevice::wrap(device, opts.kernel_mode);
     let device = crate::policy::wrap(device, opts.policy()?);
     let mux = Mux::new(device);
     if let (Some(path), Some(header)) = (&opts.record, header) {
@@ -153,6 +210,34 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         mux.set_recorder(rec);
         log::info!("recording every call into {}", path.display());
     }
+    let set = block_signals();
+    match opts.transport {
+        Transport::Fuse => serve_fuse(opts, mux, &set),
+        Transport::Cuse => serve_cuse(opts, mux, &set),
+    }
+}
+
+/// `serve --device kfd`: the kernel's KFD, forwarded (docs/kfd-device.md).
+fn serve_kfd(opts: &ServeOptions) -> Result<(), String> {
+    use crate::device::kfd::{KfdConfig, KfdDevice};
+    let exe = std::env::current_exe().map_err(|e| format!("locating the kfdmux binary: {e}"))?;
+    let cfg = KfdConfig {
+        render_dir: opts.kfd_render_dir.clone().unwrap_or_else(|| KfdConfig::default_render_dir(&opts.kfd_path)),
+        kfd_path: opts.kfd_path.clone(),
+        sysfs: opts.kfd_sysfs.clone(),
+        gpus: opts.kfd_gpus.clone(),
+        mode: opts.kfd_contexts,
+        doorbell_poll: std::time::Duration::from_micros(opts.doorbell_poll_us.max(1)),
+        exe,
+    };
+    let kfd = KfdDevice::new(cfg)?;
+    if let Some(sdir) = opts.sysfs_dir() {
+        let _ = std::fs::remove_dir_all(&sdir);
+        kfd.write_sysfs(&sdir)?;
+    }
+    let device: Arc<dyn Device> = kfd;
+    let device = crate::policy::wrap(device, opts.policy()?);
+    let mux = Mux::new(device);
     let set = block_signals();
     match opts.transport {
         Transport::Fuse => serve_fuse(opts, mux, &set),
@@ -240,5 +325,207 @@ fn serve_fuse(opts: &ServeOptions, mux: Arc<Mux>, set: &libc::sigset_t) -> Resul
         abort_connection(d);
     }
     let _ = runner.join();
+    Ok(())
+}
+
+// ---- Several instances from a configuration file (`serve --config`, docs/containers.md). ----
+
+/// The fake `lsmod` containers get (CDI mounts it at /usr/local/bin/lsmod): the image's own
+/// module list, if it has an lsmod, plus `amdgpu` (rocminfo 5.2.3 runs `lsmod | grep amdgpu`).
+pub const CONTAINER_LSMOD_SCRIPT: &str = r#"#!/bin/sh
+# kfdmux: the container's module list plus amdgpu, which kfdmux stands in for.
+out=
+for l in /usr/sbin/lsmod /usr/bin/lsmod /sbin/lsmod /bin/lsmod; do
+  if [ -x "$l" ]; then out=$("$l" 2>/dev/null); break; fi
+done
+[ -n "$out" ] || out='Module                  Size  Used by'
+printf '%s\n' "$out"
+case "$out" in *"
+amdgpu "*) ;; *) echo 'amdgpu                      0  0' ;; esac
+"#;
+
+/// A started instance and what stopping it takes.
+struct RunningInstance {
+    name: String,
+    fuse: Option<(PathBuf, Option<u64>)>,
+    cuse_names: Vec<String>,
+    handover: Option<PathBuf>,
+    runners: Vec<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl RunningInstance {
+    fn stop(self) {
+        if let Some((dir, dev)) = &self.fuse {
+            mount::unmount(dir);
+            if let Some(d) = dev {
+                abort_connection(*d);
+            }
+        }
+        for n in &self.cuse_names {
+            crate::transport::cuse::abort(n);
+        }
+        if let Some(h) = &self.handover {
+            let _ = std::fs::remove_file(h);
+        }
+        for r in self.runners {
+            let _ = r.join();
+        }
+        log::info!("instance '{}' stopped", self.name);
+    }
+}
+
+/// Builds one instance's device, mux, sysfs tree and recorder, and starts its transport.
+fn start_instance(
+    cfg: &crate::config::Config,
+    inst: &crate::config::Instance,
+    threads: usize,
+) -> Result<RunningInstance, String> {
+    let who = format!("instance '{}'", inst.name);
+    let _ = std::fs::remove_dir_all(&inst.sysfs_dir);
+    // SVM stays off for instances: the topology's capability bit and the sim agree.
+    crate::sysfs::write_topology(&inst.sysfs_dir, &inst.gpus, &Default::default())
+        .map_err(|e| format!("{who}: writing the topology into {}: {e}", inst.sysfs_dir.display()))?;
+    crate::sysfs::write_amdgpu_module(&inst.sysfs_dir.join("module/amdgpu"))
+        .map_err(|e| format!("{who}: writing {}/module/amdgpu: {e}", inst.sysfs_dir.display()))?;
+    let mut sim = SimConfig { svm: false, ..Default::default() };
+    if let Some(m) = cfg.kfd_minor {
+        sim.kfd_minor = m;
+    }
+    let header = inst.record.as_ref().map(|_| crate::trace::Header::for_sim(&inst.gpus_spec, &inst.gpus, &sim));
+    let device: Arc<dyn Device> = SimDevice::new(inst.gpus.clone(), sim);
+    let device = crate::policy::wrap(device, inst.policy.clone());
+    let mux = Mux::new(device);
+    if let (Some(path), Some(header)) = (&inst.record, header) {
+        let rec = crate::trace::Recorder::create(path, &header)
+            .map_err(|e| format!("{who}: record {}: {e}", path.display()))?;
+        mux.set_recorder(rec);
+    }
+    let mut run = RunningInstance {
+        name: inst.name.clone(),
+        fuse: None,
+        cuse_names: Vec::new(),
+        handover: None,
+        runners: Vec::new(),
+    };
+    match inst.transport {
+        Transport::Fuse => {
+            let fs = FuseFs::new(mux);
+            let (fd, early_dev) = mount::mount_fuse(&inst.mount).map_err(|e| format!("{who}: {e}"))?;
+            if early_dev != 0 {
+                fs.set_dev(early_dev);
+            }
+            let session = Session::new(fd, fs.clone(), Protocol::Fuse, true);
+            fs.set_channel(session.chan.clone());
+            run.runners.push(std::thread::spawn(move || session.run(threads)));
+            let dev = mount::mount_dev(&inst.mount);
+            if let Some(d) = dev {
+                fs.set_dev(d);
+            }
+            run.fuse = Some((inst.mount.clone(), dev));
+            log::info!("{who}: serving {} on {}", inst.gpus_spec, inst.mount.display());
+        }
+        Transport::Cuse => {
+            use crate::transport::cuse;
+            let env = Arc::new(cuse::CuseEnv::default());
+            let mut names = vec![(inst.devname.clone(), FileKind::Kfd)];
+            for i in 0..mux.device.gpu_count() {
+                names.push((cuse::render_devname(&inst.devname, mux.device.render_minor(i)), FileKind::Render(i)));
+            }
+            for (name, kind) in &names {
+                let fd = match cuse::open_cuse() {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        run.stop();
+                        return Err(format!("{who}: {e}"));
+                    }
+                };
+                let fs = Arc::new(cuse::CuseFs { mux: mux.clone(), kind: *kind, env: env.clone() });
+                let session = Session::new_cuse(fd, fs, name);
+                let t = if *kind == FileKind::Kfd { threads } else { 2 };
+                run.runners.push(std::thread::spawn(move || session.run(t)));
+                run.cuse_names.push(name.clone());
+            }
+            if let Err(e) = crate::handover::spawn_server(&inst.handover_socket, mux.clone()) {
+                run.stop();
+                return Err(format!("{who}: hand-over socket {}: {e}", inst.handover_socket.display()));
+            }
+            run.handover = Some(inst.handover_socket.clone());
+            for (name, kind) in &names {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                loop {
+                    if let Some(rdev) = cuse::cuse_rdev(name) {
+                        env.add(rdev, *kind);
+                        break;
+                    }
+                    if std::time::Instant::now() > deadline {
+                        run.stop();
+                        return Err(format!("{who}: CUSE device {name} did not appear in /sys/class/cuse"));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+            log::info!("{who}: serving {} as /dev/{} over CUSE", inst.gpus_spec, inst.devname);
+        }
+    }
+    Ok(run)
+}
+
+/// `kfdmux serve --config FILE`: every instance of the file in this one daemon, until a
+/// signal; then the CDI spec (if `daemon.cdi_spec` asked for one) is removed and every
+/// instance stopped.
+pub fn serve_config(path: &std::path::Path, opts: &ServeOptions) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let cfg = crate::config::load(path).map_err(|errs| {
+        errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")
+    })?;
+    let threads = cfg.threads.unwrap_or(opts.threads);
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| format!("{}: {e}", cfg.state_dir.display()))?;
+    let lsmod = cfg.lsmod_path();
+    if let Some(d) = lsmod.parent() {
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    let _ = std::fs::remove_file(&lsmod);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o755)
+        .open(&lsmod)
+        .and_then(|mut f| f.write_all(CONTAINER_LSMOD_SCRIPT.as_bytes()))
+        .map_err(|e| format!("{}: {e}", lsmod.display()))?;
+    let set = block_signals();
+    let mut running = Vec::new();
+    for inst in &cfg.instances {
+        match start_instance(&cfg, inst, threads) {
+            Ok(r) => running.push(r),
+            Err(e) => {
+                for r in running {
+                    r.stop();
+                }
+                return Err(e);
+            }
+        }
+    }
+    if let Some(p) = &cfg.cdi_spec {
+        let spec = crate::cdi::spec(&cfg, &crate::cdi::HostFacts::probe(None));
+        if let Err(e) = crate::cdi::write_spec(p, &spec) {
+            for r in running {
+                r.stop();
+            }
+            return Err(format!("CDI spec {}: {e}", p.display()));
+        }
+        log::info!("CDI spec for {} instance(s) in {}", cfg.instances.len(), p.display());
+    }
+    for l in crate::config::describe(&cfg) {
+        log::info!("{l}");
+    }
+    let sig = wait_signal(&set);
+    log::info!("signal {sig}: stopping {} instance(s)", running.len());
+    if let Some(p) = &cfg.cdi_spec {
+        let _ = std::fs::remove_file(p);
+    }
+    for r in running {
+        r.stop();
+    }
     Ok(())
 }

@@ -18,3 +18,5 @@ pub mod policy;
 pub mod trace;
 pub mod transport;
 pub mod run;
+pub mod config;
+pub mod cdi;

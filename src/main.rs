@@ -31,6 +31,16 @@ enum Cmd {
     /// exits 0 when the replay matched, 1 when it did not.
     Replay(kfdmux::trace::replay::ReplayOptions),
     /// Write the sysfs topology tree of a GPU list (what /sys/devices/virtual/kfd would hold).
+    /// Check a daemon configuration file (`serve --config`): every mistake with its line.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// Container Device Interface: the spec for a configuration's instances, and its hook.
+    Cdi {
+        #[command(subcommand)]
+        cmd: CdiCmd,
+    },
     Topology {
         /// GPUs, e.g. `gfx90a:2,gfx1030` (presets: gfx90a, gfx942, gfx1030).
         #[arg(long)]
@@ -39,6 +49,20 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Report the mistakes in FILE with line numbers (exit 1), or summarise its instances.
+    Check { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum CdiCmd {
+    /// Write the CDI spec (kind kfdmux.dev/gpu, one device per instance).
+    Generate(kfdmux::cdi::GenerateOptions),
+    /// OCI createContainer hook named by the spec: makes /dev/kfd symlinks for FUSE instances.
+    Hook(kfdmux::cdi::HookOptions),
 }
 
 #[derive(Subcommand)]
@@ -59,6 +83,9 @@ fn main() -> ExitCode {
             eprintln!("kfdmux: {e}");
             2
         }).or_else(Ok::<i32, String>),
+        Cmd::Config { cmd: ConfigCmd::Check { file } } => Ok(kfdmux::config::check_command(&file)),
+        Cmd::Cdi { cmd: CdiCmd::Generate(o) } => kfdmux::cdi::generate_command(&o),
+        Cmd::Cdi { cmd: CdiCmd::Hook(o) } => kfdmux::cdi::hook_command(&o),
         Cmd::Topology { gpus, out } => kfdmux::sysfs::topology_command(&gpus, &out).map(|_| {
             println!("wrote {}", out.join("kfd/topology").display());
             0

@@ -243,7 +243,11 @@ impl Mux {
         }
         let full = variant.arg.map(|a| a.size).unwrap_or(0).max(usize_);
         let mut argb = vec![0u8; full];
-        argb[..usize_].copy_from_slice(&in_data[..usize_]);
+        // An `_IOR` struct is fetched only so that the final round can be told from the first
+        // (in_size); the device sees zeros, as KFD and DRM give an `_IOR` handler.
+        if variant.dir != Dir::Read {
+            argb[..usize_].copy_from_slice(&in_data[..usize_]);
+        }
         let regions = match variant.arg {
             Some(sd) => match marshal::plan(sd, &argb) {
                 Ok(r) => r,
@@ -316,9 +320,10 @@ impl Mux {
             }
             arrays.push(crate::device::ArrayBuf { field: r.field, addr: r.addr, io: r.io, data });
         }
+        let out_lens = regions.iter().filter(|r| r.io.is_out()).map(|r| r.len).collect();
         let call = IoctlCall { cmd, def, variant, arg: argb, arrays, caller };
         let rec = self.recorder.get().map(|r| r.begin_ioctl(file.id, env, &call));
-        let sink = UnrestrictedDone { reply: Some(reply), struct_out: struct_out.then_some(usize_), rec };
+        let sink = UnrestrictedDone { reply: Some(reply), struct_out: struct_out.then_some(usize_), out_lens, rec };
         file.ctx.ioctl(env, call, Done::new(Box::new(sink)));
     }
 
@@ -364,32 +369,43 @@ pub struct PendingRetry {
 struct UnrestrictedDone {
     reply: Option<IoctlReply>,
     struct_out: Option<usize>,
+    /// The lengths of the out iovecs after the struct (the out arrays, in order).
+    out_lens: Vec<usize>,
     rec: Option<crate::trace::PendingIoctl>,
 }
 
 impl DoneSink for UnrestrictedDone {
     fn complete(mut self: Box<Self>, call: IoctlCall, result: IoctlResult) {
         let Some(reply) = self.reply.take() else { return };
-        if let Some(p) = self.rec.take() {
-            p.finish(&call, &result, &result);
-        }
+        // Stamped before the reply, written after it: the client does not wait for the write.
+        let rec = self.rec.take().map(|p| p.finish(&call, &result, &result));
         let mut out = Vec::new();
         if let Some(n) = self.struct_out {
             out.extend_from_slice(&call.arg[..n.min(call.arg.len())]);
         }
         match result {
             Ok(()) => {
-                for a in call.arrays.iter().filter(|a| a.io.is_out()) {
-                    out.extend_from_slice(&a.data);
+                // The kernel scatters the reply over the out iovecs in order: an array the device
+                // shortened (only the entries it filled) may end the reply, but one followed by
+                // another is padded to its iovec so the next lands where it belongs; none may
+                // exceed its iovec (the kernel fails a reply longer than out_size with EIO).
+                let outs: Vec<_> = call.arrays.iter().filter(|a| a.io.is_out()).collect();
+                for (i, (a, &want)) in outs.iter().zip(&self.out_lens).enumerate() {
+                    let n = a.data.len().min(want);
+                    out.extend_from_slice(&a.data[..n]);
+                    if n < want && i + 1 < outs.len() {
+                        out.resize(out.len() + want - n, 0);
+                    }
                 }
                 reply.ok(0, &out)
             }
-            // The kernel copies the struct out whatever the handler returned; arrays it wrote
-            // as it went are not modelled on error.
-            Err(e) if self.struct_out.is_some_and(|n| n > 0) && call.arrays.iter().all(|a| !a.io.is_out()) => {
-                reply.ok(-e.0, &out)
-            }
+            // The kernel copies the struct out whatever the handler returned (as RestrictedDone
+            // does); arrays it wrote as it went are not modelled on error.
+            Err(e) if self.struct_out.is_some_and(|n| n > 0) => reply.ok(-e.0, &out),
             Err(e) => reply.error(e),
+        }
+        if let Some(r) = rec {
+            r.write();
         }
     }
 
@@ -420,14 +436,15 @@ impl DoneSink for RestrictedDone {
                 result = Err(e);
             }
         }
-        if let Some(p) = self.rec.take() {
-            p.finish(&call, &dev_result, &result);
-        }
+        let rec = self.rec.take().map(|p| p.finish(&call, &dev_result, &result));
         let n = self.out_size.min(call.arg.len());
         match result {
             Ok(()) => reply.ok(0, &call.arg[..n]),
             Err(e) if n > 0 => reply.ok(-e.0, &call.arg[..n]),
             Err(e) => reply.error(e),
+        }
+        if let Some(r) = rec {
+            r.write();
         }
     }
 

@@ -17,11 +17,14 @@ use std::sync::{Arc, Mutex};
 
 use crate::abi::table::ioc_size;
 use crate::abi::{
-    KfdIoctlAllocMemoryOfGpuArgs, KfdIoctlCreateEventArgs, KfdIoctlCreateQueueArgs, KfdIoctlDestroyEventArgs,
-    KfdIoctlDestroyQueueArgs, KfdIoctlFreeMemoryOfGpuArgs, KFD_IOC_ALLOC_MEM_FLAGS_GTT, KFD_IOC_ALLOC_MEM_FLAGS_VRAM,
-    KFD_SIGNAL_EVENT_LIMIT,
+    KfdIoctlAllocMemoryOfGpuArgs, KfdIoctlCreateEventArgs, KfdIoctlCreateQueueArgs,
+    KfdIoctlDestroyEventArgs, KfdIoctlDestroyQueueArgs, KfdIoctlFreeMemoryOfGpuArgs,
+    KFD_IOC_ALLOC_MEM_FLAGS_GTT, KFD_IOC_ALLOC_MEM_FLAGS_VRAM, KFD_SIGNAL_EVENT_LIMIT,
 };
-use crate::device::{Caller, Device, DeviceContext, Done, DoneSink, Env, FileKind, IoctlCall, IoctlResult, ProcessMemory};
+use crate::device::{
+    Caller, Device, DeviceContext, Done, DoneSink, Env, FileKind, IoctlCall, IoctlResult,
+    ProcessMemory,
+};
 use crate::errno::Errno;
 
 /// Per-context limits; `None` is unlimited.
@@ -86,31 +89,52 @@ impl Policy {
         if caller.uid == 0 {
             return Ok(());
         }
-        if self.allow_users.as_ref().is_some_and(|u| u.contains(&caller.uid)) {
+        if self
+            .allow_users
+            .as_ref()
+            .is_some_and(|u| u.contains(&caller.uid))
+        {
             return Ok(());
         }
         if let Some(groups) = &self.allow_groups {
-            if groups.contains(&caller.gid) || process_groups(caller.pid).iter().any(|g| groups.contains(g)) {
+            if groups.contains(&caller.gid)
+                || process_groups(caller.pid)
+                    .iter()
+                    .any(|g| groups.contains(g))
+            {
                 return Ok(());
             }
         }
-        log::warn!("policy: uid {} gid {} (pid {}) may not open the device: EACCES", caller.uid, caller.gid, caller.tgid);
+        log::warn!(
+            "policy: uid {} gid {} (pid {}) may not open the device: EACCES",
+            caller.uid,
+            caller.gid,
+            caller.tgid
+        );
         Err(DENIED_OPEN)
     }
 }
 
 /// Supplementary groups of `pid` (`Groups:` of /proc/<pid>/status); empty when unreadable.
 pub fn process_groups(pid: u32) -> Vec<u32> {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return Vec::new() };
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
     s.lines()
         .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|v| v.split_whitespace().filter_map(|g| g.parse().ok()).collect())
+        .map(|v| {
+            v.split_whitespace()
+                .filter_map(|g| g.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 /// Effective capability set of `pid` (`CapEff:`); 0 when unreadable.
 pub fn process_caps(pid: u32) -> u64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return 0 };
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return 0;
+    };
     s.lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
@@ -128,8 +152,14 @@ pub fn parse_ids(list: &str, groups: bool) -> Result<Vec<u32>, String> {
             out.push(n);
             continue;
         }
-        let id = if groups { lookup_group(item) } else { lookup_user(item) };
-        out.push(id.ok_or_else(|| format!("unknown {} `{item}`", if groups { "group" } else { "user" }))?);
+        let id = if groups {
+            lookup_group(item)
+        } else {
+            lookup_user(item)
+        };
+        out.push(id.ok_or_else(|| {
+            format!("unknown {} `{item}`", if groups { "group" } else { "user" })
+        })?);
     }
     if out.is_empty() {
         return Err("an empty list allows nobody but root; give at least one id".into());
@@ -154,7 +184,8 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         _ => (s, 0),
     };
     let n: u64 = num.trim().parse().map_err(|e| format!("`{s}`: {e}"))?;
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("`{s}` overflows 64 bits"))
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("`{s}` overflows 64 bits"))
 }
 
 fn lookup_user(name: &str) -> Option<u32> {
@@ -210,13 +241,22 @@ impl PolicyDevice {
         let gpu_count = inner.gpu_count();
         PolicyDevice {
             inner,
-            st: Arc::new(PolicyState { policy, gpu_count, per_uid: Mutex::default(), stats: PolicyStats::default() }),
+            st: Arc::new(PolicyState {
+                policy,
+                gpu_count,
+                per_uid: Mutex::default(),
+                stats: PolicyStats::default(),
+            }),
         }
     }
 
     /// Live kfd contexts of `uid`.
     pub fn contexts_of(&self, uid: u32) -> u32 {
-        self.st.per_uid.lock().map(|m| m.get(&uid).copied().unwrap_or(0)).unwrap_or(0)
+        self.st
+            .per_uid
+            .lock()
+            .map(|m| m.get(&uid).copied().unwrap_or(0))
+            .unwrap_or(0)
     }
 }
 
@@ -240,9 +280,21 @@ impl Device for PolicyDevice {
         if counted {
             let mut m = self.st.per_uid.lock().map_err(|_| Errno::EIO)?;
             let n = m.entry(caller.uid).or_insert(0);
-            if self.st.policy.max_contexts_per_uid.is_some_and(|max| *n >= max) {
-                self.st.stats.context_limit_rejects.fetch_add(1, Ordering::Relaxed);
-                log::warn!("policy: uid {} already holds {} kfd contexts: ENOSPC", caller.uid, *n);
+            if self
+                .st
+                .policy
+                .max_contexts_per_uid
+                .is_some_and(|max| *n >= max)
+            {
+                self.st
+                    .stats
+                    .context_limit_rejects
+                    .fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "policy: uid {} already holds {} kfd contexts: ENOSPC",
+                    caller.uid,
+                    *n
+                );
                 return Err(OVER_COUNT_QUOTA);
             }
             *n += 1;
@@ -414,23 +466,34 @@ fn charged_bytes(a: &KfdIoctlAllocMemoryOfGpuArgs) -> u64 {
     if a.flags & (KFD_IOC_ALLOC_MEM_FLAGS_VRAM | KFD_IOC_ALLOC_MEM_FLAGS_GTT) == 0 {
         return 0;
     }
-    a.size.checked_add(4095).map(|s| s & !4095).unwrap_or(u64::MAX)
+    a.size
+        .checked_add(4095)
+        .map(|s| s & !4095)
+        .unwrap_or(u64::MAX)
 }
 
 /// Refuses counts no device should loop over: n_devices beyond the GPUs present, more events
 /// than a process can have, SVM attributes beyond what the command carries.
 pub fn check_bounds(call: &IoctlCall, gpu_count: u32) -> Result<(), Errno> {
-    let Some(sd) = call.variant.arg else { return Ok(()) };
+    let Some(sd) = call.variant.arg else {
+        return Ok(());
+    };
     let field = |n: &str| sd.get(&call.arg, n).unwrap_or(0);
     match call.def.nr {
         // MAP/UNMAP_MEMORY_TO_GPU: one id per GPU at most.
         0x18 | 0x19 if field("n_devices") > gpu_count as u64 => {
-            log::debug!("policy: n_devices {} > {gpu_count} GPUs: EINVAL", field("n_devices"));
+            log::debug!(
+                "policy: n_devices {} > {gpu_count} GPUs: EINVAL",
+                field("n_devices")
+            );
             Err(Errno::EINVAL)
         }
         // WAIT_EVENTS: a process has at most KFD_SIGNAL_EVENT_LIMIT signal events.
         0x0C if field("num_events") > KFD_SIGNAL_EVENT_LIMIT as u64 => {
-            log::debug!("policy: num_events {} > {KFD_SIGNAL_EVENT_LIMIT}: EINVAL", field("num_events"));
+            log::debug!(
+                "policy: num_events {} > {KFD_SIGNAL_EVENT_LIMIT}: EINVAL",
+                field("num_events")
+            );
             Err(Errno::EINVAL)
         }
         // SVM: the attributes trail the header inside the command's size.
@@ -449,7 +512,9 @@ pub fn check_bounds(call: &IoctlCall, gpu_count: u32) -> Result<(), Errno> {
 
 /// Refuses operations aimed at a process other than the caller's.
 pub fn check_other_process(call: &IoctlCall) -> Result<(), Errno> {
-    let Some(sd) = call.variant.arg else { return Ok(()) };
+    let Some(sd) = call.variant.arg else {
+        return Ok(());
+    };
     let nr = call.def.nr;
     // CRIU_OP, DBG_TRAP, DBG_TRAP_DEPRECATED, CROSS_MEMORY_COPY name a target pid.
     if !matches!(nr, 0x22 | 0x26 | 0x82 | 0x83) {
@@ -459,13 +524,20 @@ pub fn check_other_process(call: &IoctlCall) -> Result<(), Errno> {
         let caps = process_caps(call.caller.pid);
         let has = |c: u32| caps & (1u64 << c) != 0;
         if !has(CAP_CHECKPOINT_RESTORE) && !has(CAP_SYS_ADMIN) {
-            log::info!("policy: CRIU_OP by pid {} without CAP_CHECKPOINT_RESTORE: EACCES", call.caller.tgid);
+            log::info!(
+                "policy: CRIU_OP by pid {} without CAP_CHECKPOINT_RESTORE: EACCES",
+                call.caller.tgid
+            );
             return Err(NO_CHECKPOINT_CAP);
         }
     }
     let pid = sd.get(&call.arg, "pid").unwrap_or(0) as u32;
     if pid != 0 && pid != call.caller.tgid && pid != call.caller.pid {
-        log::warn!("policy: {} by pid {} names pid {pid}: EPERM", call.def.name, call.caller.tgid);
+        log::warn!(
+            "policy: {} by pid {} names pid {pid}: EPERM",
+            call.def.name,
+            call.caller.tgid
+        );
         return Err(OTHER_PROCESS);
     }
     Ok(())
@@ -479,7 +551,9 @@ impl PolicyCtx {
             st.stats.bound_rejects.fetch_add(1, Ordering::Relaxed);
         })?;
         check_other_process(call).inspect_err(|_| {
-            st.stats.other_process_rejects.fetch_add(1, Ordering::Relaxed);
+            st.stats
+                .other_process_rejects
+                .fetch_add(1, Ordering::Relaxed);
         })?;
         let q = &st.policy.quotas;
         if q.is_unlimited() || self.counted.then_some(()).is_none() {
@@ -497,16 +571,22 @@ impl PolicyCtx {
                     let used = l.mem.saturating_add(l.mem_pending);
                     if n > 0 && used.saturating_add(n) > max {
                         over();
-                        log::info!("policy: context holds {used} of {max} bytes; {n} more refused: ENOMEM");
+                        log::info!(
+                            "policy: context holds {used} of {max} bytes; {n} more refused: ENOMEM"
+                        );
                         return Err(OVER_MEM_QUOTA);
                     }
                 }
                 l.mem_pending = l.mem_pending.saturating_add(n);
                 Track::Alloc { reserved: n }
             }
-            0x17 => Track::Free { handle: call.args::<KfdIoctlFreeMemoryOfGpuArgs>().handle },
+            0x17 => Track::Free {
+                handle: call.args::<KfdIoctlFreeMemoryOfGpuArgs>().handle,
+            },
             0x02 => {
-                if q.queues.is_some_and(|max| l.queues.len() as u64 + l.queues_pending as u64 >= max as u64) {
+                if q.queues.is_some_and(|max| {
+                    l.queues.len() as u64 + l.queues_pending as u64 >= max as u64
+                }) {
                     over();
                     log::info!("policy: queue quota reached: ENOSPC");
                     return Err(OVER_COUNT_QUOTA);
@@ -514,9 +594,13 @@ impl PolicyCtx {
                 l.queues_pending += 1;
                 Track::CreateQueue { reserved: true }
             }
-            0x03 => Track::DestroyQueue { id: call.args::<KfdIoctlDestroyQueueArgs>().queue_id },
+            0x03 => Track::DestroyQueue {
+                id: call.args::<KfdIoctlDestroyQueueArgs>().queue_id,
+            },
             0x08 => {
-                if q.events.is_some_and(|max| l.events.len() as u64 + l.events_pending as u64 >= max as u64) {
+                if q.events.is_some_and(|max| {
+                    l.events.len() as u64 + l.events_pending as u64 >= max as u64
+                }) {
                     over();
                     log::info!("policy: event quota reached: ENOSPC");
                     return Err(OVER_COUNT_QUOTA);
@@ -524,7 +608,9 @@ impl PolicyCtx {
                 l.events_pending += 1;
                 Track::CreateEvent { reserved: true }
             }
-            0x09 => Track::DestroyEvent { id: call.args::<KfdIoctlDestroyEventArgs>().event_id },
+            0x09 => Track::DestroyEvent {
+                id: call.args::<KfdIoctlDestroyEventArgs>().event_id,
+            },
             0x27 => Track::Reset,
             _ => return Ok(None),
         }))
@@ -537,7 +623,11 @@ impl DeviceContext for PolicyCtx {
             Err(e) => done.complete(call, Err(e)),
             Ok(None) => self.inner.ioctl(env, call, done),
             Ok(Some(track)) => {
-                let sink = TrackSink { done: Some(done), ledger: self.ledger.clone(), track };
+                let sink = TrackSink {
+                    done: Some(done),
+                    ledger: self.ledger.clone(),
+                    track,
+                };
                 self.inner.ioctl(env, call, Done::new(Box::new(sink)))
             }
         }
@@ -565,19 +655,39 @@ mod tests {
     use super::*;
 
     fn caller(uid: u32, gid: u32) -> Caller {
-        Caller { pid: std::process::id(), tgid: std::process::id(), uid, gid }
+        Caller {
+            pid: std::process::id(),
+            tgid: std::process::id(),
+            uid,
+            gid,
+        }
     }
 
     #[test]
     fn allow_lists() {
-        let p = Policy { allow_users: Some(vec![1000]), allow_groups: Some(vec![44]), ..Default::default() };
+        let p = Policy {
+            allow_users: Some(vec![1000]),
+            allow_groups: Some(vec![44]),
+            ..Default::default()
+        };
         assert_eq!(p.check_open(&caller(1000, 1000)), Ok(()));
         assert_eq!(p.check_open(&caller(1001, 44)), Ok(()));
-        assert_eq!(p.check_open(&caller(0, 0)), Ok(()), "root passes as with CAP_DAC_OVERRIDE");
-        assert_eq!(p.check_open(&caller(1001, 1001)).map(|_| ()), Err(Errno::EACCES).or_else(|e| {
-            // Our own supplementary groups might include 44; then the open is allowed.
-            if process_groups(std::process::id()).contains(&44) { Ok(()) } else { Err(e) }
-        }));
+        assert_eq!(
+            p.check_open(&caller(0, 0)),
+            Ok(()),
+            "root passes as with CAP_DAC_OVERRIDE"
+        );
+        assert_eq!(
+            p.check_open(&caller(1001, 1001)).map(|_| ()),
+            Err(Errno::EACCES).or_else(|e| {
+                // Our own supplementary groups might include 44; then the open is allowed.
+                if process_groups(std::process::id()).contains(&44) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+        );
         assert!(Policy::default().is_open());
         assert_eq!(Policy::default().check_open(&caller(12345, 12345)), Ok(()));
     }

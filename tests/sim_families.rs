@@ -16,7 +16,7 @@ use kfdmux::device::sim::SimConfig;
 use kfdmux::device::{Device, DeviceContext};
 use kfdmux::errno::Errno;
 use sim_helpers::*;
-use zerocopy::{FromZeros, IntoBytes};
+use zerocopy::IntoBytes;
 
 const PAGE: u64 = 4096;
 const GTT: u32 = KFD_IOC_ALLOC_MEM_FLAGS_GTT | KFD_IOC_ALLOC_MEM_FLAGS_WRITABLE;
@@ -54,7 +54,8 @@ fn alloc(
         gpu_id: h.gpu_id(gpu),
         flags,
     };
-    h.io0(ctx, AMDKFD_IOC_ALLOC_MEMORY_OF_GPU, &mut a).map(|_| a)
+    h.io0(ctx, AMDKFD_IOC_ALLOC_MEMORY_OF_GPU, &mut a)
+        .map(|_| a)
 }
 
 fn map(h: &Harness, ctx: &dyn DeviceContext, handle: u64, gpus: &[usize]) -> Result<(), Errno> {
@@ -147,13 +148,24 @@ fn queues_create_validate_and_doorbells() {
     assert_eq!(create_q(&h, &*ctx, &mut a), Ok(()));
     assert_eq!(a.queue_id, 0);
     let slice = a.doorbell_offset & !8191;
-    assert_eq!(a.doorbell_offset, slice, "doorbell 0 sits at the slice start");
+    assert_eq!(
+        a.doorbell_offset, slice,
+        "doorbell 0 sits at the slice start"
+    );
     assert!(slice != 0 && slice.is_multiple_of(8192));
     let mut b = queue_args(&h, KFD_IOC_QUEUE_TYPE_COMPUTE);
     assert_eq!(create_q(&h, &*ctx, &mut b), Ok(()));
     assert_eq!((b.queue_id, b.doorbell_offset), (1, slice + 8));
     // A DOORBELL buffer shows the same slice.
-    let db = alloc(&h, &*ctx, 0, KFD_IOC_ALLOC_MEM_FLAGS_DOORBELL, 8192, 0x90_0000).unwrap();
+    let db = alloc(
+        &h,
+        &*ctx,
+        0,
+        KFD_IOC_ALLOC_MEM_FLAGS_DOORBELL,
+        8192,
+        0x90_0000,
+    )
+    .unwrap();
     assert_eq!(db.mmap_offset, slice);
     // SDMA queues get the engines' static doorbells: engine 0 queue 0, then engine 1 queue 0.
     let mut s0 = queue_args(&h, KFD_IOC_QUEUE_TYPE_SDMA);
@@ -519,12 +531,26 @@ fn svm_set_split_and_get_mixed_ranges() {
     let (_, v) = get(12, 4);
     assert_eq!(
         (v[0], v[1].0, v[3], v[5]),
-        ((PREF, UNDEF), KFD_IOCTL_SVM_ATTR_NO_ACCESS, (SETF, HOST_COH), (GRAN, 9))
+        (
+            (PREF, UNDEF),
+            KFD_IOCTL_SVM_ATTR_NO_ACCESS,
+            (SETF, HOST_COH),
+            (GRAN, 9)
+        )
     );
     // Refusals.
-    assert_eq!(svm_call(&h, &*ctx, SET, pg(0) + 1, PAGE, &[]).0, Err(Errno::EINVAL));
-    assert_eq!(svm_call(&h, &*ctx, SET, pg(0), 0, &[]).0, Err(Errno::EINVAL));
-    assert_eq!(svm_call(&h, &*ctx, 7, pg(0), PAGE, &[]).0, Err(Errno::EINVAL));
+    assert_eq!(
+        svm_call(&h, &*ctx, SET, pg(0) + 1, PAGE, &[]).0,
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(
+        svm_call(&h, &*ctx, SET, pg(0), 0, &[]).0,
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(
+        svm_call(&h, &*ctx, 7, pg(0), PAGE, &[]).0,
+        Err(Errno::EINVAL)
+    );
     assert_eq!(
         svm_call(&h, &*ctx, SET, pg(0), PAGE, &[(99, 0)]).0,
         Err(Errno::EINVAL)
@@ -534,7 +560,15 @@ fn svm_set_split_and_get_mixed_ranges() {
         Err(Errno::EINVAL)
     );
     assert_eq!(
-        svm_call(&h, &*ctx, GET, pg(0), PAGE, &[(KFD_IOCTL_SVM_ATTR_NO_ACCESS, g0)]).0,
+        svm_call(
+            &h,
+            &*ctx,
+            GET,
+            pg(0),
+            PAGE,
+            &[(KFD_IOCTL_SVM_ATTR_NO_ACCESS, g0)]
+        )
+        .0,
         Err(Errno::EINVAL)
     );
     m.punch(14 * PAGE as usize, PAGE as usize);
@@ -543,7 +577,10 @@ fn svm_set_split_and_get_mixed_ranges() {
         Err(Errno::EFAULT),
         "a hole in the range"
     );
-    assert_eq!(svm_call(&h, &*ctx, GET, pg(12), 4 * PAGE, &[]).0, Err(Errno::EFAULT));
+    assert_eq!(
+        svm_call(&h, &*ctx, GET, pg(12), 4 * PAGE, &[]).0,
+        Err(Errno::EFAULT)
+    );
     // SVM and buffers exclude each other: an SVM range over a mapped buffer's VA is
     // EADDRINUSE, and so is a buffer at an SVM range's VA.
     let m2 = Mapping::new(4 * PAGE as usize);
@@ -571,14 +608,23 @@ fn svm_switch_and_secondary_contexts() {
         },
     );
     let ctx = off.open_kfd();
-    assert_eq!(svm_call(&off, &*ctx, SET, m.addr, PAGE, &[]).0, Err(Errno::EPERM));
-    assert_eq!(svm_call(&off, &*ctx, GET, m.addr, PAGE, &[]).0, Err(Errno::EPERM));
+    assert_eq!(
+        svm_call(&off, &*ctx, SET, m.addr, PAGE, &[]).0,
+        Err(Errno::EPERM)
+    );
+    assert_eq!(
+        svm_call(&off, &*ctx, GET, m.addr, PAGE, &[]).0,
+        Err(Errno::EPERM)
+    );
     let h = Harness::new("gfx90a");
     let ctx = h.open_kfd();
     assert_eq!(svm_call(&h, &*ctx, SET, m.addr, PAGE, &[]).0, Ok(()));
-    h.call(&*ctx, make_call(AMDKFD_IOC_CREATE_PROCESS, &[], vec![], h.caller))
-        .result
-        .unwrap();
+    h.call(
+        &*ctx,
+        make_call(AMDKFD_IOC_CREATE_PROCESS, &[], vec![], h.caller),
+    )
+    .result
+    .unwrap();
     assert_eq!(
         svm_call(&h, &*ctx, SET, m.addr, PAGE, &[]).0,
         Err(Errno::EOPNOTSUPP)
@@ -598,14 +644,21 @@ fn export(h: &Harness, ctx: &dyn DeviceContext, handle: u64, flags: u32) -> Resu
         .map(|_| a.dmabuf_fd as i32)
 }
 
-fn import(h: &Harness, ctx: &dyn DeviceContext, fd: i32, gpu: usize, va: u64) -> Result<u64, Errno> {
+fn import(
+    h: &Harness,
+    ctx: &dyn DeviceContext,
+    fd: i32,
+    gpu: usize,
+    va: u64,
+) -> Result<u64, Errno> {
     let mut a = KfdIoctlImportDmabufArgs {
         va_addr: va,
         handle: 0,
         gpu_id: h.gpu_id(gpu),
         dmabuf_fd: fd as u32,
     };
-    h.io0(ctx, AMDKFD_IOC_IMPORT_DMABUF, &mut a).map(|_| a.handle)
+    h.io0(ctx, AMDKFD_IOC_IMPORT_DMABUF, &mut a)
+        .map(|_| a.handle)
 }
 
 fn info(h: &Harness, ctx: &dyn DeviceContext, fd: i32) -> Result<KfdIoctlGetDmabufInfoArgs, Errno> {
@@ -619,22 +672,39 @@ fn dmabuf_between_contexts() {
     let h = Harness::new("gfx90a:2");
     let a = setup(&h);
     let b = setup(&h);
-    let v = alloc(&h, &*a, 0, VRAM | KFD_IOC_ALLOC_MEM_FLAGS_PUBLIC, 2 * PAGE, 0x10_0000).unwrap();
-    memfd(&h).write_all_at(b"dma-buf bytes", v.mmap_offset).unwrap();
+    let v = alloc(
+        &h,
+        &*a,
+        0,
+        VRAM | KFD_IOC_ALLOC_MEM_FLAGS_PUBLIC,
+        2 * PAGE,
+        0x10_0000,
+    )
+    .unwrap();
+    memfd(&h)
+        .write_all_at(b"dma-buf bytes", v.mmap_offset)
+        .unwrap();
     // Without a way to install fds in the caller (the FUSE transport): EOPNOTSUPP.
     assert_eq!(
         export(&h, &*a, v.handle, libc::O_RDWR as u32),
         Err(Errno::EOPNOTSUPP)
     );
     h.dev.set_fd_installer(Arc::new(SelfInstaller));
-    assert_eq!(export(&h, &*a, v.handle, 0x4), Err(Errno::EINVAL), "bad flags");
+    assert_eq!(
+        export(&h, &*a, v.handle, 0x4),
+        Err(Errno::EINVAL),
+        "bad flags"
+    );
     assert_eq!(export(&h, &*a, v.handle + 9, 0), Err(Errno::EINVAL));
     let fd = export(&h, &*a, v.handle, (libc::O_RDWR | libc::O_CLOEXEC) as u32).unwrap();
     // SAFETY: the harness installed `fd` in this process for us; we own it now.
     let f = unsafe { File::from_raw_fd(fd) };
     let mut head = [0u8; 13];
     (&f).read_exact(&mut head).unwrap();
-    assert_eq!(&head, b"dma-buf bytes", "the dma-buf holds the buffer's bytes");
+    assert_eq!(
+        &head, b"dma-buf bytes",
+        "the dma-buf holds the buffer's bytes"
+    );
     assert_eq!(f.metadata().unwrap().len(), 2 * PAGE);
     let i = info(&h, &*b, fd).unwrap();
     assert_eq!(
@@ -659,18 +729,28 @@ fn dmabuf_between_contexts() {
     let fd2 = export(&h, &*a, v.handle, libc::O_CLOEXEC as u32).unwrap();
     // SAFETY: installed for us by the harness.
     let f2 = unsafe { File::from_raw_fd(fd2) };
-    assert_eq!(
-        f2.metadata().unwrap().ino(),
-        f.metadata().unwrap().ino()
-    );
+    assert_eq!(f2.metadata().unwrap().ino(), f.metadata().unwrap().ino());
     assert_eq!(h.stat("dmabufs"), 1);
     // Not ours / not open.
     let null = File::open("/dev/null").unwrap();
-    assert_eq!(import(&h, &*b, null.as_raw_fd(), 1, 0).err(), Some(Errno::EINVAL));
+    assert_eq!(
+        import(&h, &*b, null.as_raw_fd(), 1, 0).err(),
+        Some(Errno::EINVAL)
+    );
     assert_eq!(info(&h, &*b, null.as_raw_fd()).err(), Some(Errno::EINVAL));
     assert_eq!(import(&h, &*b, 999_999, 1, 0).err(), Some(Errno::EBADF));
     assert_eq!(info(&h, &*b, -1).err(), Some(Errno::EBADF));
-    assert_eq!(import(&h, &*b, fd, 5, 0).err(), Some(Errno::EINVAL), "gpu index 5");
+    let mut bad_gpu = KfdIoctlImportDmabufArgs {
+        va_addr: 0,
+        handle: 0,
+        gpu_id: 0xbad,
+        dmabuf_fd: fd as u32,
+    };
+    assert_eq!(
+        h.io0(&*b, AMDKFD_IOC_IMPORT_DMABUF, &mut bad_gpu),
+        Err(Errno::EINVAL),
+        "unknown gpu_id"
+    );
     let unbound = h.open_kfd();
     assert_eq!(import(&h, &*unbound, fd, 0, 0).err(), Some(Errno::ENODEV));
     // USERPTR memory cannot be exported.
@@ -692,4 +772,3 @@ fn dmabuf_between_contexts() {
     assert_eq!(h.stat("dmabufs"), 0);
     assert_eq!(import(&h, &*unbound, fd, 0, 0).err(), Some(Errno::EINVAL));
 }
-

@@ -30,14 +30,27 @@ pub struct FakeKernel {
 fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
     let mut fds = [0i32; 2];
     // SAFETY: socketpair writes two new fds into `fds`.
-    let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) };
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
     assert_eq!(r, 0, "socketpair: {}", std::io::Error::last_os_error());
     // SAFETY: both fds were just created and are owned by nobody else.
     unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
 }
 
 /// A request message: header + body, `len` filled in.
-pub fn request(opcode: u32, unique: u64, nodeid: u64, ids: (u32, u32, u32), body: &[u8]) -> Vec<u8> {
+pub fn request(
+    opcode: u32,
+    unique: u64,
+    nodeid: u64,
+    ids: (u32, u32, u32),
+    body: &[u8],
+) -> Vec<u8> {
     let h = InHeader {
         len: (40 + body.len()) as u32,
         opcode,
@@ -59,8 +72,18 @@ impl FakeKernel {
     pub fn fuse(fs: Arc<dyn Filesystem>) -> FakeKernel {
         let (ours, peer) = seqpacket_pair();
         let session = Session::new(ours, fs, Protocol::Fuse, false);
-        let mut k = FakeKernel { peer, session, next_unique: 1, stash: VecDeque::new() };
-        let init = InitIn { major: 7, minor: 41, max_readahead: 128 * 1024, flags: (FUSE_ASYNC_READ | FUSE_MAX_PAGES) as u32 };
+        let mut k = FakeKernel {
+            peer,
+            session,
+            next_unique: 1,
+            stash: VecDeque::new(),
+        };
+        let init = InitIn {
+            major: 7,
+            minor: 41,
+            max_readahead: 128 * 1024,
+            flags: (FUSE_ASYNC_READ | FUSE_MAX_PAGES) as u32,
+        };
         let r = k.call(FUSE_INIT, 0, (0, 0, 0), init.as_bytes());
         assert_eq!(r.hdr.error, 0, "INIT failed");
         k
@@ -70,8 +93,18 @@ impl FakeKernel {
     pub fn cuse(fs: Arc<dyn Filesystem>, devname: &str) -> FakeKernel {
         let (ours, peer) = seqpacket_pair();
         let session = Session::new_cuse(ours, fs, devname);
-        let mut k = FakeKernel { peer, session, next_unique: 1, stash: VecDeque::new() };
-        let init = CuseInitIn { major: 7, minor: 41, unused: 0, flags: 0 };
+        let mut k = FakeKernel {
+            peer,
+            session,
+            next_unique: 1,
+            stash: VecDeque::new(),
+        };
+        let init = CuseInitIn {
+            major: 7,
+            minor: 41,
+            unused: 0,
+            flags: 0,
+        };
         let r = k.call(CUSE_INIT, 0, (0, 0, 0), init.as_bytes());
         assert_eq!(r.hdr.error, 0, "CUSE_INIT failed");
         k
@@ -104,22 +137,48 @@ impl FakeKernel {
     }
 
     fn recv_wire(&self, timeout: Duration) -> Option<Reply> {
-        let mut pfd = libc::pollfd { fd: self.peer.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: self.peer.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+        let n = unsafe {
+            libc::poll(
+                &mut pfd,
+                1,
+                timeout.as_millis().min(i32::MAX as u128) as i32,
+            )
+        };
         if n <= 0 {
             return None;
         }
         let mut buf = vec![0u8; 256 * 1024];
         // SAFETY: reading into our own buffer.
-        let n = unsafe { libc::recv(self.peer.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        let n = unsafe {
+            libc::recv(
+                self.peer.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
         if n < 16 {
             return None;
         }
         buf.truncate(n as usize);
         let (hdr, rest) = OutHeader::read_from_prefix(&buf).ok()?;
-        assert_eq!(hdr.len as usize, buf.len(), "reply header length {} != message length {}", hdr.len, buf.len());
-        Some(Reply { hdr, body: rest.to_vec() })
+        assert_eq!(
+            hdr.len as usize,
+            buf.len(),
+            "reply header length {} != message length {}",
+            hdr.len,
+            buf.len()
+        );
+        Some(Reply {
+            hdr,
+            body: rest.to_vec(),
+        })
     }
 
     /// Everything the daemon has written so far (without waiting).
@@ -150,28 +209,62 @@ impl FakeKernel {
     /// Sends a request and returns its reply (which must come within 5 s).
     pub fn call(&mut self, opcode: u32, nodeid: u64, ids: (u32, u32, u32), body: &[u8]) -> Reply {
         let u = self.send(opcode, nodeid, ids, body);
-        self.wait_for(u, Duration::from_secs(5)).unwrap_or_else(|| panic!("no reply to opcode {opcode}"))
+        self.wait_for(u, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("no reply to opcode {opcode}"))
     }
 
     /// OPEN of `nodeid`: the file handle, or the errno.
     pub fn open(&mut self, nodeid: u64, ids: (u32, u32, u32)) -> Result<u64, i32> {
-        let r = self.call(FUSE_OPEN, nodeid, ids, OpenIn { flags: libc::O_RDWR as u32, open_flags: 0 }.as_bytes());
+        let r = self.call(
+            FUSE_OPEN,
+            nodeid,
+            ids,
+            OpenIn {
+                flags: libc::O_RDWR as u32,
+                open_flags: 0,
+            }
+            .as_bytes(),
+        );
         if r.hdr.error != 0 {
             return Err(-r.hdr.error);
         }
-        Ok(OpenOut::read_from_prefix(&r.body).map(|(o, _)| o.fh).unwrap_or(0))
+        Ok(OpenOut::read_from_prefix(&r.body)
+            .map(|(o, _)| o.fh)
+            .unwrap_or(0))
     }
 
     pub fn release(&mut self, nodeid: u64, fh: u64, ids: (u32, u32, u32)) {
-        let rel = ReleaseIn { fh, flags: 0, release_flags: 0, lock_owner: 0 };
+        let rel = ReleaseIn {
+            fh,
+            flags: 0,
+            release_flags: 0,
+            lock_owner: 0,
+        };
         let r = self.call(FUSE_RELEASE, nodeid, ids, rel.as_bytes());
         assert_eq!(r.hdr.error, 0, "RELEASE failed");
     }
 
     /// Sends one IOCTL request; returns its unique.
     #[allow(clippy::too_many_arguments)]
-    pub fn send_ioctl(&mut self, nodeid: u64, ids: (u32, u32, u32), fh: u64, flags: u32, cmd: u32, arg: u64, in_data: &[u8], out_size: u32) -> u64 {
-        let io = IoctlIn { fh, flags, cmd, arg, in_size: in_data.len() as u32, out_size };
+    pub fn send_ioctl(
+        &mut self,
+        nodeid: u64,
+        ids: (u32, u32, u32),
+        fh: u64,
+        flags: u32,
+        cmd: u32,
+        arg: u64,
+        in_data: &[u8],
+        out_size: u32,
+    ) -> u64 {
+        let io = IoctlIn {
+            fh,
+            flags,
+            cmd,
+            arg,
+            in_size: in_data.len() as u32,
+            out_size,
+        };
         let mut body = io.as_bytes().to_vec();
         body.extend_from_slice(in_data);
         self.send(FUSE_IOCTL, nodeid, ids, &body)
@@ -193,11 +286,16 @@ pub enum IoctlAnswer {
 pub fn parse_ioctl_reply(r: &Reply) -> Result<IoctlAnswer, String> {
     if r.hdr.error != 0 {
         if !r.body.is_empty() {
-            return Err(format!("error reply {} with a {} byte body", r.hdr.error, r.body.len()));
+            return Err(format!(
+                "error reply {} with a {} byte body",
+                r.hdr.error,
+                r.body.len()
+            ));
         }
         return Ok(IoctlAnswer::Error(-r.hdr.error));
     }
-    let (o, rest) = IoctlOut::read_from_prefix(&r.body).map_err(|_| "short ioctl_out".to_string())?;
+    let (o, rest) =
+        IoctlOut::read_from_prefix(&r.body).map_err(|_| "short ioctl_out".to_string())?;
     if o.flags & FUSE_IOCTL_RETRY != 0 {
         let ni = o.in_iovs as usize;
         let no = o.out_iovs as usize;
@@ -205,9 +303,15 @@ pub fn parse_ioctl_reply(r: &Reply) -> Result<IoctlAnswer, String> {
             return Err(format!("retry with {ni}+{no} iovecs"));
         }
         if rest.len() != (ni + no) * 16 {
-            return Err(format!("retry body {} bytes for {ni}+{no} iovecs", rest.len()));
+            return Err(format!(
+                "retry body {} bytes for {ni}+{no} iovecs",
+                rest.len()
+            ));
         }
-        let iovs: Vec<IoctlIovec> = rest.chunks_exact(16).filter_map(|c| IoctlIovec::read_from_bytes(c).ok()).collect();
+        let iovs: Vec<IoctlIovec> = rest
+            .chunks_exact(16)
+            .filter_map(|c| IoctlIovec::read_from_bytes(c).ok())
+            .collect();
         let (a, b) = iovs.split_at(ni);
         return Ok(IoctlAnswer::Retry(a.to_vec(), b.to_vec()));
     }
@@ -253,9 +357,19 @@ pub const KERNEL_MAX_ROUND_BYTES: u64 = 128 * 1024;
 
 /// What the kernel does with a RETRY: gathers the in iovecs (EFAULT if unmapped), checks the
 /// limits (ENOMEM, as fuse_do_ioctl), and returns the next round's (in_data, out_size).
-pub fn kernel_next_round(mem: &ClientMem, ins: &[IoctlIovec], outs: &[IoctlIovec]) -> Result<(Vec<u8>, u32), i32> {
-    let in_len: u64 = ins.iter().map(|i| i.len).fold(0u64, |a, b| a.saturating_add(b));
-    let out_len: u64 = outs.iter().map(|i| i.len).fold(0u64, |a, b| a.saturating_add(b));
+pub fn kernel_next_round(
+    mem: &ClientMem,
+    ins: &[IoctlIovec],
+    outs: &[IoctlIovec],
+) -> Result<(Vec<u8>, u32), i32> {
+    let in_len: u64 = ins
+        .iter()
+        .map(|i| i.len)
+        .fold(0u64, |a, b| a.saturating_add(b));
+    let out_len: u64 = outs
+        .iter()
+        .map(|i| i.len)
+        .fold(0u64, |a, b| a.saturating_add(b));
     if in_len > KERNEL_MAX_ROUND_BYTES || out_len > KERNEL_MAX_ROUND_BYTES {
         return Err(libc::ENOMEM);
     }
@@ -268,9 +382,17 @@ pub fn kernel_next_round(mem: &ClientMem, ins: &[IoctlIovec], outs: &[IoctlIovec
 
 /// The kernel's copy-out of a final reply into the out iovecs; Err when the reply carries more
 /// bytes than the round allowed (the kernel fails such a reply) or an iovec is unmapped.
-pub fn kernel_copy_out(mem: &mut ClientMem, outs: &[IoctlIovec], out_size: u32, data: &[u8]) -> Result<(), String> {
+pub fn kernel_copy_out(
+    mem: &mut ClientMem,
+    outs: &[IoctlIovec],
+    out_size: u32,
+    data: &[u8],
+) -> Result<(), String> {
     if data.len() > out_size as usize {
-        return Err(format!("reply carries {} bytes, the round allowed {out_size}", data.len()));
+        return Err(format!(
+            "reply carries {} bytes, the round allowed {out_size}",
+            data.len()
+        ));
     }
     let mut off = 0usize;
     for o in outs {
@@ -300,10 +422,27 @@ pub fn stats_map(text: &str) -> BTreeMap<String, u64> {
 
 /// Counters that must read zero once every context is released: (name, value) of any that don't.
 pub fn leaked(stats: &BTreeMap<String, u64>) -> Vec<(String, u64)> {
-    const MUST_BE_ZERO: &[&str] =
-        &["contexts", "render_contexts", "buffers", "buffer_bytes", "events", "waiters", "queues", "vram_used_gpu0", "vram_used_gpu1"];
+    const MUST_BE_ZERO: &[&str] = &[
+        "contexts",
+        "render_contexts",
+        "buffers",
+        "buffer_bytes",
+        "events",
+        "waiters",
+        "queues",
+        "gtt_used",
+        "dmabufs",
+        "svm_ranges",
+        "vram_used_gpu0",
+        "vram_used_gpu1",
+    ];
     MUST_BE_ZERO
         .iter()
-        .filter_map(|k| stats.get(*k).filter(|v| **v != 0).map(|v| (k.to_string(), *v)))
+        .filter_map(|k| {
+            stats
+                .get(*k)
+                .filter(|v| **v != 0)
+                .map(|v| (k.to_string(), *v))
+        })
         .collect()
 }

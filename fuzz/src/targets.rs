@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use kfdmux::abi::table::{ioc_size, Kind, DRM_IOC_TYPE, KFD_IOC_TYPE};
 use kfdmux::device::sim::{SimConfig, SimDevice};
-use kfdmux::device::{ArrayBuf, Caller, Device, DeviceContext, Done, DoneSink, Env, FileKind, IoctlCall, IoctlResult};
+use kfdmux::device::{
+    ArrayBuf, Caller, Device, DeviceContext, Done, DoneSink, Env, FileKind, IoctlCall, IoctlResult,
+};
 use kfdmux::errno::Errno;
 use kfdmux::mux::Mux;
 use kfdmux::policy::{Policy, PolicyDevice, Quotas};
@@ -64,7 +66,10 @@ pub fn known_cmds() -> &'static [u32] {
     static CMDS: OnceLock<Vec<u32>> = OnceLock::new();
     CMDS.get_or_init(|| {
         let mut v = Vec::new();
-        for d in kfdmux::abi::KFD_IOCTLS.iter().chain(kfdmux::abi::DRM_IOCTLS.iter()) {
+        for d in kfdmux::abi::KFD_IOCTLS
+            .iter()
+            .chain(kfdmux::abi::DRM_IOCTLS.iter())
+        {
             for var in d.variants {
                 v.push(var.cmd);
             }
@@ -122,13 +127,22 @@ pub fn client_pid() -> u32 {
 
 fn sim(gpus: &str) -> Arc<SimDevice> {
     let g = kfdmux::topology::parse_gpus(gpus).unwrap_or_default();
-    SimDevice::new(g, SimConfig { memfd_size: 1 << 32, ..Default::default() })
+    SimDevice::new(
+        g,
+        SimConfig {
+            memfd_size: 1 << 32,
+            ..Default::default()
+        },
+    )
 }
 
 fn assert_no_leak(text: &str, what: &str) {
     let m = stats_map(text);
     let l = leaked(&m);
-    assert!(l.is_empty(), "{what}: resources left after every context was released: {l:?}\n{text}");
+    assert!(
+        l.is_empty(),
+        "{what}: resources left after every context was released: {l:?}\n{text}"
+    );
 }
 
 /// Open file handles listed by the stats text (`context N fh F ...`).
@@ -137,7 +151,10 @@ fn open_fhs(text: &str) -> Vec<u64> {
         .filter(|l| l.starts_with("context "))
         .filter_map(|l| {
             let w: Vec<&str> = l.split_whitespace().collect();
-            w.iter().position(|x| *x == "fh").and_then(|i| w.get(i + 1)).and_then(|v| v.parse().ok())
+            w.iter()
+                .position(|x| *x == "fh")
+                .and_then(|i| w.get(i + 1))
+                .and_then(|v| v.parse().ok())
         })
         .collect()
 }
@@ -145,7 +162,11 @@ fn open_fhs(text: &str) -> Vec<u64> {
 fn check_replies(k: &mut FakeKernel) {
     for r in k.drain() {
         // Well-formed (FakeKernel checks header length); an error reply carries no body.
-        assert!(r.hdr.error <= 0, "positive error {} in a reply", r.hdr.error);
+        assert!(
+            r.hdr.error <= 0,
+            "positive error {} in a reply",
+            r.hdr.error
+        );
         if r.hdr.error < 0 && r.hdr.unique != 0 {
             assert!(r.body.is_empty(), "error reply with a body");
         }
@@ -194,7 +215,10 @@ pub fn fuse_request(data: &[u8]) {
         let mut b = name.as_bytes().to_vec();
         b.push(0);
         let r = k.call(FUSE_LOOKUP, 1, ids, &b);
-        if let Some((e, _)) = zerocopy::FromBytes::read_from_prefix(&r.body).ok().map(|(e, rest): (EntryOut, &[u8])| (e, rest)) {
+        if let Some((e, _)) = zerocopy::FromBytes::read_from_prefix(&r.body)
+            .ok()
+            .map(|(e, rest): (EntryOut, &[u8])| (e, rest))
+        {
             nodes.push(e.nodeid);
         }
     }
@@ -217,7 +241,13 @@ pub fn fuse_request(data: &[u8]) {
                 let node = nodes[inp.u8() as usize % nodes.len()];
                 let body = inp.bytes(4096).to_vec();
                 let lie = inp.u8();
-                let mut m = request(op, k.next_unique(), node, (inp.u32(), inp.u32(), pid), &body);
+                let mut m = request(
+                    op,
+                    k.next_unique(),
+                    node,
+                    (inp.u32(), inp.u32(), pid),
+                    &body,
+                );
                 if lie == 0xFF {
                     // A header whose length disagrees with the message.
                     let l = inp.u32();
@@ -238,7 +268,11 @@ pub fn fuse_request(data: &[u8]) {
                 }
             }
             _ => {
-                let fh = if fhs.is_empty() { inp.u64() } else { fhs[inp.u8() as usize % fhs.len()] };
+                let fh = if fhs.is_empty() {
+                    inp.u64()
+                } else {
+                    fhs[inp.u8() as usize % fhs.len()]
+                };
                 let cmd = pick_cmd(&mut inp);
                 let arg = inp.bytes(4096).to_vec();
                 let node = nodes[inp.u8() as usize % nodes.len()];
@@ -272,7 +306,11 @@ pub fn cuse_retry(data: &[u8]) {
     ignore_sigpipe();
     let dev = sim("gfx90a:2");
     let mux = Mux::new(dev.clone());
-    let fs = Arc::new(CuseFs { mux: mux.clone(), kind: FileKind::Kfd, env: Arc::new(CuseEnv::default()) });
+    let fs = Arc::new(CuseFs {
+        mux: mux.clone(),
+        kind: FileKind::Kfd,
+        env: Arc::new(CuseEnv::default()),
+    });
     let mut k = FakeKernel::cuse(fs, "kfdmux-fuzz/kfd");
     let pid = std::process::id();
     let ids = (1000, 1000, pid);
@@ -316,17 +354,31 @@ pub fn cuse_retry(data: &[u8]) {
         let mut in_data: Vec<u8> = Vec::new();
         let mut out_size = 0u32;
         for round in 0..12 {
-            let u = k.send_ioctl(1, ids, fh, FUSE_IOCTL_UNRESTRICTED, cmd, arg, &in_data, out_size);
+            let u = k.send_ioctl(
+                1,
+                ids,
+                fh,
+                FUSE_IOCTL_UNRESTRICTED,
+                cmd,
+                arg,
+                &in_data,
+                out_size,
+            );
             let Some(r) = k.wait_for(u, Duration::ZERO) else {
                 parked.push(u);
                 break;
             };
-            let ans = parse_ioctl_reply(&r).unwrap_or_else(|e| panic!("round {round}: malformed reply: {e}"));
+            let ans = parse_ioctl_reply(&r)
+                .unwrap_or_else(|e| panic!("round {round}: malformed reply: {e}"));
             match ans {
                 IoctlAnswer::Error(_) => break,
                 IoctlAnswer::Done(_, data) => {
                     // The real kernel fails a reply longer than the round's out_size.
-                    assert!(data.len() <= out_size as usize, "cmd {cmd:#x}: {} bytes answered, the round allowed {out_size}", data.len());
+                    assert!(
+                        data.len() <= out_size as usize,
+                        "cmd {cmd:#x}: {} bytes answered, the round allowed {out_size}",
+                        data.len()
+                    );
                     break;
                 }
                 IoctlAnswer::Retry(ins, outs) => {
@@ -377,18 +429,30 @@ pub fn marshal(data: &[u8]) {
         if inp.u8() & 1 == 0 {
             arg.resize(sd.size, 0);
         }
-        let ptrs = sd.fields.iter().filter(|f| matches!(f.kind, Kind::Pointer(_))).count();
+        let ptrs = sd
+            .fields
+            .iter()
+            .filter(|f| matches!(f.kind, Kind::Pointer(_)))
+            .count();
         if let Ok(regions) = kfdmux::marshal::plan(sd, &arg) {
             assert!(regions.len() <= ptrs);
             for r in &regions {
-                assert!(r.addr != 0 && r.len > 0 && r.len <= kfdmux::marshal::MAX_ARRAY_BYTES, "{}: bad region {r:?}", sd.name);
+                assert!(
+                    r.addr != 0 && r.len > 0 && r.len <= kfdmux::marshal::MAX_ARRAY_BYTES,
+                    "{}: bad region {r:?}",
+                    sd.name
+                );
             }
         }
         for f in sd.fields {
             let v = sd.get(&arg, f.name).unwrap_or(0);
             let mut copy = arg.clone();
             if sd.set(&mut copy, f.name, v) {
-                assert_eq!(copy, arg, "{}.{}: set(get()) changed the bytes", sd.name, f.name);
+                assert_eq!(
+                    copy, arg,
+                    "{}.{}: set(get()) changed the bytes",
+                    sd.name, f.name
+                );
             }
         }
         let cmd = inp.u32();
@@ -398,7 +462,12 @@ pub fn marshal(data: &[u8]) {
                 assert!(ty == KFD_IOC_TYPE || ty == DRM_IOC_TYPE);
                 assert_eq!(def.nr, kfdmux::abi::table::ioc_nr(cmd));
                 let size = ioc_size(cmd) as usize;
-                assert!(size == v.size || def.trailing, "{}: size {size} accepted for variant of {}", def.name, v.size);
+                assert!(
+                    size == v.size || def.trailing,
+                    "{}: size {size} accepted for variant of {}",
+                    def.name,
+                    v.size
+                );
             }
         }
     }
@@ -436,9 +505,47 @@ impl DoneSink for CountSink {
         }
         // The transport writes these back to the client at the addresses it named: a device
         // that resized them would write past what the client gave.
-        assert_eq!(call.arg.len(), self.arg_len, "{}: argument resized", call.def.name);
-        let lens: Vec<usize> = call.arrays.iter().map(|a| a.data.len()).collect();
-        assert_eq!(lens, self.array_lens, "{}: arrays resized", call.def.name);
+        assert_eq!(
+            call.arg.len(),
+            self.arg_len,
+            "{}: argument resized",
+            call.def.name
+        );
+        // Arrays may shrink (the kernel copies out only what it filled) but never grow, and
+        // only the last out array may shrink: the CUSE reply packs out arrays back to back, so
+        // a shorter one before another would shift the next into the wrong client buffer.
+        assert_eq!(
+            call.arrays.len(),
+            self.array_lens.len(),
+            "{}: arrays added or removed",
+            call.def.name
+        );
+        let outs: Vec<(usize, usize)> = call
+            .arrays
+            .iter()
+            .zip(&self.array_lens)
+            .filter(|(a, _)| a.io.is_out())
+            .map(|(a, n)| (a.data.len(), *n))
+            .collect();
+        for (i, (now, was)) in outs.iter().enumerate() {
+            assert!(
+                now <= was,
+                "{}: array grew from {was} to {now} bytes",
+                call.def.name
+            );
+            assert!(
+                now == was || i + 1 == outs.len(),
+                "{}: a shrunk out array is followed by another",
+                call.def.name
+            );
+        }
+        for (a, n) in call.arrays.iter().zip(&self.array_lens) {
+            assert!(
+                a.io.is_out() || a.data.len() == *n,
+                "{}: in array resized",
+                call.def.name
+            );
+        }
         let _ = result;
     }
     fn on_interrupt(&mut self, cancel: Box<dyn FnOnce() + Send>) -> bool {
@@ -455,15 +562,32 @@ pub const FUZZ_QUOTA_MEM: u64 = 64 << 20;
 pub fn sim_ioctl(data: &[u8]) {
     let dev = sim("gfx90a:2");
     let policy = Policy {
-        quotas: Quotas { mem_bytes: Some(FUZZ_QUOTA_MEM), queues: Some(4), events: Some(64) },
+        quotas: Quotas {
+            mem_bytes: Some(FUZZ_QUOTA_MEM),
+            queues: Some(4),
+            events: Some(64),
+        },
         max_contexts_per_uid: Some(8),
         ..Default::default()
     };
     let pdev: Arc<dyn Device> = Arc::new(PolicyDevice::new(dev.clone(), policy));
-    let caller = Caller { pid: 4242, tgid: 4242, uid: 1000, gid: 1000 };
+    let caller = Caller {
+        pid: 4242,
+        tgid: 4242,
+        uid: 1000,
+        gid: 1000,
+    };
     let env = FuzzEnv;
-    let kinds = [FileKind::Kfd, FileKind::Kfd, FileKind::Render(0), FileKind::Render(1)];
-    let ctxs: Vec<Box<dyn DeviceContext>> = kinds.iter().filter_map(|k| pdev.open(&caller, *k).ok()).collect();
+    let kinds = [
+        FileKind::Kfd,
+        FileKind::Kfd,
+        FileKind::Render(0),
+        FileKind::Render(1),
+    ];
+    let ctxs: Vec<Box<dyn DeviceContext>> = kinds
+        .iter()
+        .filter_map(|k| pdev.open(&caller, *k).ok())
+        .collect();
     assert_eq!(ctxs.len(), kinds.len());
     let started = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
@@ -482,8 +606,14 @@ pub fn sim_ioctl(data: &[u8]) {
         }
         let ci = sel as usize % ctxs.len();
         let cmd = pick_cmd(&mut inp);
-        let Ok((def, variant)) = Mux::lookup_cmd(kinds[ci], cmd) else { continue };
-        let full = variant.arg.map(|a| a.size).unwrap_or(0).max(ioc_size(cmd) as usize);
+        let Ok((def, variant)) = Mux::lookup_cmd(kinds[ci], cmd) else {
+            continue;
+        };
+        let full = variant
+            .arg
+            .map(|a| a.size)
+            .unwrap_or(0)
+            .max(ioc_size(cmd) as usize);
         let mut arg = inp.bytes(full).to_vec();
         arg.resize(full, 0);
         // Fewer parked forever: a WAIT_EVENTS timeout above 50 ms is cut to 0..50 ms.
@@ -510,7 +640,12 @@ pub fn sim_ioctl(data: &[u8]) {
                     let src = inp.bytes(r.len);
                     d[..src.len()].copy_from_slice(src);
                 }
-                ArrayBuf { field: r.field, addr: r.addr, io: r.io, data: d }
+                ArrayBuf {
+                    field: r.field,
+                    addr: r.addr,
+                    io: r.io,
+                    data: d,
+                }
             })
             .collect();
         let sink = CountSink {
@@ -519,11 +654,26 @@ pub fn sim_ioctl(data: &[u8]) {
             array_lens: arrays.iter().map(|a| a.data.len()).collect(),
             cancels: cancels.clone(),
         };
-        let call = IoctlCall { cmd, def, variant, arg, arrays, caller };
+        let call = IoctlCall {
+            cmd,
+            def,
+            variant,
+            arg,
+            arrays,
+            caller,
+        };
         started.fetch_add(1, Ordering::SeqCst);
         ctxs[ci].ioctl(&env, call, Done::new(Box::new(sink)));
-        let vram: u64 = dev.stats().iter().filter(|(n, _)| n.starts_with("vram_used")).map(|(_, v)| *v).sum();
-        assert!(vram <= 2 * FUZZ_QUOTA_MEM, "VRAM {vram} beyond two contexts' quota");
+        let vram: u64 = dev
+            .stats()
+            .iter()
+            .filter(|(n, _)| n.starts_with("vram_used"))
+            .map(|(_, v)| *v)
+            .sum();
+        assert!(
+            vram <= 2 * FUZZ_QUOTA_MEM,
+            "VRAM {vram} beyond two contexts' quota"
+        );
     }
     for c in &ctxs {
         c.release();
@@ -531,10 +681,16 @@ pub fn sim_ioctl(data: &[u8]) {
     drop(ctxs);
     // Timer-driven answers may be on their way; they must all arrive.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while done.load(Ordering::SeqCst) < started.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+    while done.load(Ordering::SeqCst) < started.load(Ordering::SeqCst)
+        && std::time::Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(1));
     }
-    assert_eq!(done.load(Ordering::SeqCst), started.load(Ordering::SeqCst), "calls left unanswered after release");
+    assert_eq!(
+        done.load(Ordering::SeqCst),
+        started.load(Ordering::SeqCst),
+        "calls left unanswered after release"
+    );
     let stats: HashMap<&str, u64> = pdev.stats().into_iter().collect();
     let text: String = stats.iter().map(|(k, v)| format!("{k} {v}\n")).collect();
     assert_no_leak(&text, "sim_ioctl");

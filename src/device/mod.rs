@@ -6,6 +6,8 @@
 //! (blocking ioctls park and complete from another thread). Whatever it writes into
 //! `arg`/arrays is written back to the caller by the transport.
 
+pub mod kernelmode;
+pub mod kfd;
 pub mod sim;
 
 use std::sync::Arc;

@@ -38,7 +38,10 @@ pub struct Header {
 
 impl Header {
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.entries
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
     pub fn set(&mut self, key: &str, value: impl Into<String>) {
         let value = value.into().replace('\n', " ");
@@ -48,7 +51,11 @@ impl Header {
         }
     }
     /// The header of a sim device serving `gpus` (from `topology::parse_gpus` of `spec`).
-    pub fn for_sim(spec: &str, gpus: &[crate::topology::Gpu], cfg: &crate::device::sim::SimConfig) -> Header {
+    pub fn for_sim(
+        spec: &str,
+        gpus: &[crate::topology::Gpu],
+        cfg: &crate::device::sim::SimConfig,
+    ) -> Header {
         let mut h = Header::default();
         h.set("kfdmux", env!("CARGO_PKG_VERSION"));
         h.set("device", "sim");
@@ -88,7 +95,9 @@ impl Header {
         let s = std::str::from_utf8(b).map_err(|_| "header is not UTF-8".to_string())?;
         let mut h = Header::default();
         for l in s.lines().filter(|l| !l.is_empty()) {
-            let (k, v) = l.split_once('=').ok_or_else(|| format!("header line without '=': {l:?}"))?;
+            let (k, v) = l
+                .split_once('=')
+                .ok_or_else(|| format!("header line without '=': {l:?}"))?;
             h.entries.push((k.to_string(), v.to_string()));
         }
         Ok(h)
@@ -160,7 +169,12 @@ pub struct IoctlRec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// An open; `result` 0 or -errno (then `ctx` is 0).
-    Open { uid: u32, gid: u32, kind: FileKind, result: i32 },
+    Open {
+        uid: u32,
+        gid: u32,
+        kind: FileKind,
+        result: i32,
+    },
     /// The last close (FUSE RELEASE) of a context.
     Release,
     Ioctl(IoctlRec),
@@ -295,7 +309,12 @@ impl Record {
         e.u32(self.pid);
         e.u32(self.tgid);
         match &self.event {
-            Event::Open { uid, gid, kind, result } => {
+            Event::Open {
+                uid,
+                gid,
+                kind,
+                result,
+            } => {
                 e.u32(*uid);
                 e.u32(*gid);
                 match kind {
@@ -373,7 +392,12 @@ impl Record {
                     1 => FileKind::Render(idx),
                     _ => return Err(format!("bad file kind {k}")),
                 };
-                Event::Open { uid, gid, kind, result: d.i32()? }
+                Event::Open {
+                    uid,
+                    gid,
+                    kind,
+                    result: d.i32()?,
+                }
             }
             REC_RELEASE => Event::Release,
             REC_IOCTL => {
@@ -396,7 +420,13 @@ impl Record {
                     let addr = d.u64()?;
                     let data_in = d.bytes()?;
                     let data_out = d.bytes()?;
-                    arrays.push(ArrayRec { field, io, addr, data_in, data_out });
+                    arrays.push(ArrayRec {
+                        field,
+                        io,
+                        addr,
+                        data_in,
+                        data_out,
+                    });
                 }
                 let n = d.u32()?;
                 let mut fds = Vec::new();
@@ -415,14 +445,31 @@ impl Record {
                     };
                     fds.push(FdRec { field, fd, target });
                 }
-                Event::Ioctl(IoctlRec { cmd, t_end_ns, stage, dev_result, result, arg_in, arg_out, arrays, fds })
+                Event::Ioctl(IoctlRec {
+                    cmd,
+                    t_end_ns,
+                    stage,
+                    dev_result,
+                    result,
+                    arg_in,
+                    arg_out,
+                    arrays,
+                    fds,
+                })
             }
             _ => return Err(format!("unknown record type {ty}")),
         };
         if !d.0.is_empty() {
             return Err(format!("{} unexpected bytes after the record", d.0.len()));
         }
-        Ok(Record { seq, t_ns, ctx, pid, tgid, event })
+        Ok(Record {
+            seq,
+            t_ns,
+            ctx,
+            pid,
+            tgid,
+            event,
+        })
     }
 }
 
@@ -464,7 +511,9 @@ impl Trace {
         }
         let version = read_uint(b, 8, 4) as u32;
         if version != VERSION {
-            return Err(format!("trace format version {version}; this kfdmux reads version {VERSION}"));
+            return Err(format!(
+                "trace format version {version}; this kfdmux reads version {VERSION}"
+            ));
         }
         let hlen = read_uint(b, 12, 4) as usize;
         let hb = b.get(16..16 + hlen).ok_or("header cut short")?;
@@ -495,7 +544,11 @@ impl Trace {
             records.push(Record::decode(body).map_err(|e| format!("record at byte {off}: {e}"))?);
             off += 8 + len;
         }
-        Ok(Trace { header, records, torn_tail })
+        Ok(Trace {
+            header,
+            records,
+            torn_tail,
+        })
     }
 
     /// Records in start order (`seq`), the order replay issues them in.
@@ -520,7 +573,11 @@ pub struct Recorder {
 impl Recorder {
     /// Creates (truncates) `path` and writes the header.
     pub fn create(path: &Path, header: &Header) -> io::Result<Arc<Recorder>> {
-        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(path)?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
         file.write_all(&encode_header(header))?;
         Ok(Arc::new(Recorder {
             file: Mutex::new(file),
@@ -544,7 +601,8 @@ impl Recorder {
         (self.seq.fetch_add(1, Ordering::Relaxed), self.now())
     }
 
-    fn write(&self, r: &Record) {
+    /// Appends one record (one `write(2)` under the file lock).
+    pub fn write_record(&self, r: &Record) {
         let buf = r.encode();
         let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
         // One write per record: a crash loses at most the record in flight.
@@ -554,7 +612,9 @@ impl Recorder {
             }
             Err(e) => {
                 if !self.failed.swap(true, Ordering::Relaxed) {
-                    log::error!("trace: writing a record failed: {e}; later failures are not logged");
+                    log::error!(
+                        "trace: writing a record failed: {e}; later failures are not logged"
+                    );
                 }
             }
         }
@@ -567,27 +627,39 @@ impl Recorder {
             Ok(_) => 0,
             Err(e) => -e.0,
         };
-        self.write(&Record {
+        self.write_record(&Record {
             seq,
             t_ns,
             ctx,
             pid: caller.pid,
             tgid: caller.tgid,
-            event: Event::Open { uid: caller.uid, gid: caller.gid, kind, result },
+            event: Event::Open {
+                uid: caller.uid,
+                gid: caller.gid,
+                kind,
+                result,
+            },
         });
     }
 
     /// The release of context `ctx` opened by `owner`.
     pub fn release(&self, ctx: u64, owner: &Caller) {
         let (seq, t_ns) = self.stamp();
-        self.write(&Record { seq, t_ns, ctx, pid: owner.pid, tgid: owner.tgid, event: Event::Release });
+        self.write_record(&Record {
+            seq,
+            t_ns,
+            ctx,
+            pid: owner.pid,
+            tgid: owner.tgid,
+            event: Event::Release,
+        });
     }
 
     /// An ioctl the mux refused before the device saw it.
     pub fn refused(&self, ctx: u64, pid: u32, cmd: u32, in_data: &[u8], e: Errno) {
         let (seq, t_ns) = self.stamp();
         let tgid = crate::mux::tgid_of(pid).unwrap_or(pid);
-        self.write(&Record {
+        self.write_record(&Record {
             seq,
             t_ns,
             ctx,
@@ -609,7 +681,12 @@ impl Recorder {
 
     /// An ioctl about to reach the device: its inputs are copied now (the device may overwrite
     /// them); [`PendingIoctl::finish`] adds the outputs and writes the record.
-    pub fn begin_ioctl(self: &Arc<Self>, ctx: u64, env: &dyn Env, call: &IoctlCall) -> PendingIoctl {
+    pub fn begin_ioctl(
+        self: &Arc<Self>,
+        ctx: u64,
+        env: &dyn Env,
+        call: &IoctlCall,
+    ) -> PendingIoctl {
         let (seq, t_ns) = self.stamp();
         let size = (crate::abi::table::ioc_size(call.cmd) as usize).min(call.arg.len());
         let arrays = call
@@ -619,13 +696,21 @@ impl Recorder {
                 field: a.field.to_string(),
                 io: a.io,
                 addr: a.addr,
-                data_in: if a.io.is_in() { a.data.clone() } else { Vec::new() },
+                data_in: if a.io.is_in() {
+                    a.data.clone()
+                } else {
+                    Vec::new()
+                },
                 data_out: Vec::new(),
             })
             .collect();
         let mut fds = Vec::new();
         if let Some(sd) = call.variant.arg {
-            for f in sd.fields.iter().filter(|f| matches!(f.kind, Kind::Fd) && f.io.is_in()) {
+            for f in sd
+                .fields
+                .iter()
+                .filter(|f| matches!(f.kind, Kind::Fd) && f.io.is_in())
+            {
                 if f.offset + f.size > size {
                     continue;
                 }
@@ -636,7 +721,11 @@ impl Recorder {
                     Ok(None) => FdTarget::Other,
                     Err(e) => FdTarget::Bad(e.0),
                 };
-                fds.push(FdRec { field: f.name.to_string(), fd, target });
+                fds.push(FdRec {
+                    field: f.name.to_string(),
+                    fd,
+                    target,
+                });
             }
         }
         PendingIoctl {
@@ -669,8 +758,14 @@ pub struct PendingIoctl {
 }
 
 impl PendingIoctl {
-    /// Completes the record with the device's answer `dev` and what the caller got (`result`).
-    pub fn finish(mut self, call: &IoctlCall, dev: &IoctlResult, result: &IoctlResult) {
+    /// Completes the record with the device's answer `dev` and what the caller got (`result`),
+    /// stamping its end time; [`FinishedIoctl::write`] stores it (after the reply is sent).
+    pub fn finish(
+        mut self,
+        call: &IoctlCall,
+        dev: &IoctlResult,
+        result: &IoctlResult,
+    ) -> FinishedIoctl {
         let size = self.arg_in.len().min(call.arg.len());
         for a in self.arrays.iter_mut().filter(|a| a.io.is_out()) {
             if let Some(b) = call.arrays.iter().find(|b| b.field == a.field) {
@@ -695,7 +790,22 @@ impl PendingIoctl {
                 fds: std::mem::take(&mut self.fds),
             }),
         };
-        self.rec.write(&rec);
+        FinishedIoctl {
+            rec: self.rec,
+            record: rec,
+        }
+    }
+}
+
+/// A complete ioctl record not yet written.
+pub struct FinishedIoctl {
+    rec: Arc<Recorder>,
+    record: Record,
+}
+
+impl FinishedIoctl {
+    pub fn write(self) {
+        self.rec.write_record(&self.record);
     }
 }
 
@@ -750,7 +860,12 @@ mod tests {
                 ctx: 1,
                 pid: 7,
                 tgid: 7,
-                event: Event::Open { uid: 0, gid: 0, kind: FileKind::Render(1), result: 0 },
+                event: Event::Open {
+                    uid: 0,
+                    gid: 0,
+                    kind: FileKind::Render(1),
+                    result: 0,
+                },
             },
             Record {
                 seq: 2,
@@ -766,11 +881,28 @@ mod tests {
                     result: -22,
                     arg_in: vec![1, 2, 3],
                     arg_out: vec![4, 5, 6],
-                    arrays: vec![ArrayRec { field: "ids".into(), io: Io::InOut, addr: 9, data_in: vec![1], data_out: vec![2] }],
-                    fds: vec![FdRec { field: "drm_fd".into(), fd: 3, target: FdTarget::Render { index: 1, tgid: 7 } }],
+                    arrays: vec![ArrayRec {
+                        field: "ids".into(),
+                        io: Io::InOut,
+                        addr: 9,
+                        data_in: vec![1],
+                        data_out: vec![2],
+                    }],
+                    fds: vec![FdRec {
+                        field: "drm_fd".into(),
+                        fd: 3,
+                        target: FdTarget::Render { index: 1, tgid: 7 },
+                    }],
                 }),
             },
-            Record { seq: 3, t_ns: 30, ctx: 1, pid: 7, tgid: 7, event: Event::Release },
+            Record {
+                seq: 3,
+                t_ns: 30,
+                ctx: 1,
+                pid: 7,
+                tgid: 7,
+                event: Event::Release,
+            },
         ]
     }
 

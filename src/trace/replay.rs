@@ -16,9 +16,13 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::abi::table::{ioc_size, read_uint, write_uint, Dir, FieldDef, HandleKind, Io, IoctlVariant, Kind, StructDef};
+use crate::abi::table::{
+    ioc_size, read_uint, write_uint, Dir, FieldDef, HandleKind, Io, IoctlVariant, Kind, StructDef,
+};
 use crate::device::sim::{SimConfig, SimDevice};
-use crate::device::{ArrayBuf, Caller, Device, DeviceContext, Done, DoneSink, Env, FileKind, IoctlCall, IoctlResult};
+use crate::device::{
+    ArrayBuf, Caller, Device, DeviceContext, Done, DoneSink, Env, FileKind, IoctlCall, IoctlResult,
+};
 use crate::errno::Errno;
 use crate::mux::Mux;
 
@@ -99,7 +103,11 @@ pub struct Diff {
 
 impl std::fmt::Display for Diff {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "#{} ctx {} {}: {}: recorded {}, replayed {}", self.seq, self.ctx, self.call, self.field, self.recorded, self.replayed)
+        write!(
+            f,
+            "#{} ctx {} {}: {}: recorded {}, replayed {}",
+            self.seq, self.ctx, self.call, self.field, self.recorded, self.replayed
+        )
     }
 }
 
@@ -178,7 +186,11 @@ impl Maps {
 /// Rewrites the role-carrying input fields of one struct in place.
 fn remap_struct(maps: &Maps, sd: &StructDef, b: &mut [u8]) {
     let len = b.len();
-    for f in sd.fields.iter().filter(|f| f.io.is_in() && f.offset + f.size <= len && !matches!(f.ty, crate::abi::table::Ty::Array(..))) {
+    for f in sd.fields.iter().filter(|f| {
+        f.io.is_in()
+            && f.offset + f.size <= len
+            && !matches!(f.ty, crate::abi::table::Ty::Array(..))
+    }) {
         if let Some(c) = class_of(&f.kind) {
             let v = read_uint(b, f.offset, f.size);
             write_uint(b, f.offset, f.size, maps.remap(c, v));
@@ -187,7 +199,9 @@ fn remap_struct(maps: &Maps, sd: &StructDef, b: &mut [u8]) {
 }
 
 fn remap_array(maps: &Maps, sd: &StructDef, field: &str, data: &mut [u8]) {
-    let Some(Kind::Pointer(p)) = sd.field(field).map(|f| &f.kind) else { return };
+    let Some(Kind::Pointer(p)) = sd.field(field).map(|f| &f.kind) else {
+        return;
+    };
     if p.elem_size == 0 {
         return;
     }
@@ -218,7 +232,17 @@ fn is_pid_field(f: &FieldDef) -> bool {
 }
 
 impl Cmp<'_> {
-    fn value(&mut self, name: String, c: Option<Class>, f: Option<&FieldDef>, r: &[u8], l: &[u8], off: usize, size: usize) {
+    /// Compares the value at `span` (offset, size) of the recorded and live bytes.
+    fn value(
+        &mut self,
+        name: String,
+        c: Option<Class>,
+        f: Option<&FieldDef>,
+        r: &[u8],
+        l: &[u8],
+        span: (usize, usize),
+    ) {
+        let (off, size) = span;
         let rv = read_uint(r, off, size);
         let lv = read_uint(l, off, size);
         let show = |b: &[u8], v: u64| match f {
@@ -246,47 +270,91 @@ impl Cmp<'_> {
     }
 
     /// Compares the output fields of one struct (all fields with `all`, for array elements).
-    fn fields(&mut self, sd: &StructDef, r: &[u8], l: &[u8], limit: usize, prefix: &str, all: bool) {
+    fn fields(
+        &mut self,
+        sd: &StructDef,
+        r: &[u8],
+        l: &[u8],
+        limit: usize,
+        prefix: &str,
+        all: bool,
+    ) {
         for f in sd.fields {
             if f.offset + f.size > limit || !(all || f.io.is_out()) {
                 continue;
             }
-            if matches!(f.kind, Kind::Pad | Kind::Volatile | Kind::Pointer(_) | Kind::Fd) {
+            if matches!(
+                f.kind,
+                Kind::Pad | Kind::Volatile | Kind::Pointer(_) | Kind::Fd
+            ) {
                 continue;
             }
             if is_pid_field(f) {
-                let (rv, lv) = (read_uint(r, f.offset, f.size), read_uint(l, f.offset, f.size));
+                let (rv, lv) = (
+                    read_uint(r, f.offset, f.size),
+                    read_uint(l, f.offset, f.size),
+                );
                 // The caller's thread or process id in the recording must be the live caller's.
                 let was_caller = rv == self.rec_who.0 as u64 || rv == self.rec_who.1 as u64;
                 let is_caller = lv == self.live_who.0 as u64 || lv == self.live_who.1 as u64;
                 if was_caller != is_caller || (!was_caller && rv != lv) {
-                    self.out.push((format!("{prefix}{}", f.name), rv.to_string(), lv.to_string()));
+                    self.out.push((
+                        format!("{prefix}{}", f.name),
+                        rv.to_string(),
+                        lv.to_string(),
+                    ));
                 }
                 continue;
             }
-            self.value(format!("{prefix}{}", f.name), class_of(&f.kind), Some(f), r, l, f.offset, f.size);
+            self.value(
+                format!("{prefix}{}", f.name),
+                class_of(&f.kind),
+                Some(f),
+                r,
+                l,
+                (f.offset, f.size),
+            );
         }
     }
 
     fn array(&mut self, sd: &StructDef, field: &str, r: &[u8], l: &[u8]) {
         let Some(Kind::Pointer(p)) = sd.field(field).map(|f| &f.kind) else {
             if r != l {
-                self.out.push((format!("{field}[]"), format!("{} bytes", r.len()), "different bytes".into()));
+                self.out.push((
+                    format!("{field}[]"),
+                    format!("{} bytes", r.len()),
+                    "different bytes".into(),
+                ));
             }
             return;
         };
         if r.len() != l.len() {
-            self.out.push((format!("{field}[]"), format!("{} bytes", r.len()), format!("{} bytes", l.len())));
+            self.out.push((
+                format!("{field}[]"),
+                format!("{} bytes", r.len()),
+                format!("{} bytes", l.len()),
+            ));
             return;
         }
         let es = p.elem_size.max(1);
         for (i, (rc, lc)) in r.chunks(es).zip(l.chunks(es)).enumerate() {
             match p.elem {
                 Some(e) => self.fields(e, rc, lc, rc.len(), &format!("{field}[{i}]."), true),
-                None if es <= 8 => self.value(format!("{field}[{i}]"), elem_class(field), None, rc, lc, 0, es),
+                None if es <= 8 => self.value(
+                    format!("{field}[{i}]"),
+                    elem_class(field),
+                    None,
+                    rc,
+                    lc,
+                    (0, es),
+                ),
                 None => {
                     if rc != lc {
-                        self.out.push((format!("{field}[{i}]"), "bytes".into(), "different bytes".into()));
+                        self.out.push((
+                            format!("{field}[{i}]"),
+                            "bytes".into(),
+                            "different bytes".into(),
+                        ));
                     }
                 }
             }
@@ -341,9 +409,19 @@ struct ChanSink {
 
 impl DoneSink for ChanSink {
     fn complete(self: Box<Self>, call: IoctlCall, result: IoctlResult) {
-        let arrays = call.arrays.into_iter().map(|a| (a.field.to_string(), a.data)).collect();
+        let arrays = call
+            .arrays
+            .into_iter()
+            .map(|a| (a.field.to_string(), a.data))
+            .collect();
         let who = (call.caller.pid, call.caller.tgid);
-        let _ = self.tx.send(Completion { seq: self.seq, who, result: res(&result), arg: call.arg, arrays });
+        let _ = self.tx.send(Completion {
+            seq: self.seq,
+            who,
+            result: res(&result),
+            arg: call.arg,
+            arrays,
+        });
     }
     fn on_interrupt(&mut self, _cancel: Box<dyn FnOnce() + Send>) -> bool {
         true // replay never interrupts
@@ -359,7 +437,9 @@ struct ReplayEnv<'a> {
 
 impl Env for ReplayEnv<'_> {
     fn file_of_fd(&self, _caller: &Caller, fd: i32) -> Result<Option<(FileKind, u32)>, Errno> {
-        let Some(f) = self.fds.iter().find(|f| f.fd == fd) else { return Err(Errno::EBADF) };
+        let Some(f) = self.fds.iter().find(|f| f.fd == fd) else {
+            return Err(Errno::EBADF);
+        };
         let want = match f.target {
             FdTarget::Kfd { tgid } => (FileKind::Kfd, tgid),
             FdTarget::Render { index, tgid } => (FileKind::Render(index), tgid),
@@ -373,22 +453,43 @@ impl Env for ReplayEnv<'_> {
 /// The schema entry, full-size argument and arrays of a call, as the mux would build them.
 fn build_call(kind: FileKind, c: &LiveCall) -> Result<IoctlCall, Errno> {
     let (def, variant) = Mux::lookup_cmd(kind, c.cmd)?;
-    let full = variant.arg.map(|a| a.size).unwrap_or(0).max(ioc_size(c.cmd) as usize);
+    let full = variant
+        .arg
+        .map(|a| a.size)
+        .unwrap_or(0)
+        .max(ioc_size(c.cmd) as usize);
     let mut arg = vec![0u8; full];
     let n = c.arg.len().min(full);
     arg[..n].copy_from_slice(&c.arg[..n]);
     let mut arrays = Vec::new();
     if let Some(sd) = variant.arg {
         for r in crate::marshal::plan(sd, &arg)? {
-            let mut data = c.arrays.iter().find(|a| a.0 == r.field).map(|a| a.3.clone()).unwrap_or_default();
+            let mut data = c
+                .arrays
+                .iter()
+                .find(|a| a.0 == r.field)
+                .map(|a| a.3.clone())
+                .unwrap_or_default();
             data.resize(r.len, 0);
             if !r.io.is_in() {
                 data.iter_mut().for_each(|b| *b = 0);
             }
-            arrays.push(ArrayBuf { field: r.field, addr: r.addr, io: r.io, data });
+            arrays.push(ArrayBuf {
+                field: r.field,
+                addr: r.addr,
+                io: r.io,
+                data,
+            });
         }
     }
-    Ok(IoctlCall { cmd: c.cmd, def, variant, arg, arrays, caller: c.caller })
+    Ok(IoctlCall {
+        cmd: c.cmd,
+        def,
+        variant,
+        arg,
+        arrays,
+        caller: c.caller,
+    })
 }
 
 struct DirectBackend {
@@ -417,16 +518,31 @@ impl Backend for DirectBackend {
     }
     fn issue(&mut self, ctx: u64, c: LiveCall, tx: Sender<Completion>) {
         let Some((dc, kind, _)) = self.ctxs.get(&ctx) else {
-            let _ = tx.send(Completion { seq: c.seq, who: (0, 0), result: -libc::EBADF, arg: c.arg, arrays: Vec::new() });
+            let _ = tx.send(Completion {
+                seq: c.seq,
+                who: (0, 0),
+                result: -libc::EBADF,
+                arg: c.arg,
+                arrays: Vec::new(),
+            });
             return;
         };
         match build_call(*kind, &c) {
             Ok(call) => {
-                let env = ReplayEnv { fds: &c.fds, live: &self.live };
+                let env = ReplayEnv {
+                    fds: &c.fds,
+                    live: &self.live,
+                };
                 dc.ioctl(&env, call, Done::new(Box::new(ChanSink { seq: c.seq, tx })));
             }
             Err(e) => {
-                let _ = tx.send(Completion { seq: c.seq, who: (0, 0), result: -e.0, arg: c.arg, arrays: Vec::new() });
+                let _ = tx.send(Completion {
+                    seq: c.seq,
+                    who: (0, 0),
+                    result: -e.0,
+                    arg: c.arg,
+                    arrays: Vec::new(),
+                });
             }
         }
     }
@@ -455,7 +571,11 @@ impl FuseBackend {
     fn new(device: Arc<SimDevice>) -> Result<FuseBackend, String> {
         use crate::transport::engine::{Protocol, Session};
         use crate::transport::{fusefs::FuseFs, mount};
-        let dir = std::env::temp_dir().join(format!("kfdmux-replay.{}.{}", std::process::id(), Instant::now().elapsed().as_nanos()));
+        let dir = std::env::temp_dir().join(format!(
+            "kfdmux-replay.{}.{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos()
+        ));
         let mount_dir = dir.join("mnt");
         let dyn_dev: Arc<dyn Device> = device.clone();
         let mux = Mux::new(dyn_dev);
@@ -474,12 +594,24 @@ impl FuseBackend {
             fs.set_dev(d);
         }
         let devnull = std::fs::File::open("/dev/null").ok().map(OwnedFd::from);
-        Ok(FuseBackend { device, mux, dir, mount: mount_dir, runner: Some(runner), dev, files: HashMap::new(), devnull })
+        Ok(FuseBackend {
+            device,
+            mux,
+            dir,
+            mount: mount_dir,
+            runner: Some(runner),
+            dev,
+            files: HashMap::new(),
+            devnull,
+        })
     }
 
     fn contexts(&self) -> usize {
         let s = self.mux.stats_text();
-        s.lines().find_map(|l| l.strip_prefix("contexts ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+        s.lines()
+            .find_map(|l| l.strip_prefix("contexts "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// The live descriptor for a recorded one.
@@ -491,9 +623,14 @@ impl FuseBackend {
             // Not open in the recording: a number above any descriptor limit is not open here.
             FdTarget::Bad(_) => return i32::MAX,
         };
-        want.and_then(|w| self.files.values().find(|(_, k, t)| (*k, *t) == w).map(|(fd, _, _)| fd.as_raw_fd()))
-            .or_else(|| self.devnull.as_ref().map(|f| f.as_raw_fd()))
-            .unwrap_or(i32::MAX)
+        want.and_then(|w| {
+            self.files
+                .values()
+                .find(|(_, k, t)| (*k, *t) == w)
+                .map(|(fd, _, _)| fd.as_raw_fd())
+        })
+        .or_else(|| self.devnull.as_ref().map(|f| f.as_raw_fd()))
+        .unwrap_or(i32::MAX)
     }
 }
 
@@ -506,8 +643,13 @@ impl Backend for FuseBackend {
             FileKind::Kfd => "kfd".to_string(),
             FileKind::Render(i) => format!("renderD{}", self.device.render_minor(i)),
         };
-        let f = std::fs::OpenOptions::new().read(true).write(true).open(self.mount.join(name)).map_err(Errno::from)?;
-        self.files.insert(ctx, (Arc::new(OwnedFd::from(f)), kind, caller.tgid));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.mount.join(name))
+            .map_err(Errno::from)?;
+        self.files
+            .insert(ctx, (Arc::new(OwnedFd::from(f)), kind, caller.tgid));
         Ok(())
     }
     fn release(&mut self, ctx: u64) {
@@ -523,7 +665,13 @@ impl Backend for FuseBackend {
     }
     fn issue(&mut self, ctx: u64, c: LiveCall, tx: Sender<Completion>) {
         let Some((fd, kind, _)) = self.files.get(&ctx).cloned() else {
-            let _ = tx.send(Completion { seq: c.seq, who: (0, 0), result: -libc::EBADF, arg: c.arg, arrays: Vec::new() });
+            let _ = tx.send(Completion {
+                seq: c.seq,
+                who: (0, 0),
+                result: -libc::EBADF,
+                arg: c.arg,
+                arrays: Vec::new(),
+            });
             return;
         };
         let mut arg = c.arg.clone();
@@ -533,7 +681,12 @@ impl Backend for FuseBackend {
         let mut bufs: Vec<(String, Vec<u8>)> = Vec::new();
         if let Some(sd) = sd {
             for r in crate::marshal::plan(sd, &arg).unwrap_or_default() {
-                let mut data = c.arrays.iter().find(|a| a.0 == r.field).map(|a| a.3.clone()).unwrap_or_default();
+                let mut data = c
+                    .arrays
+                    .iter()
+                    .find(|a| a.0 == r.field)
+                    .map(|a| a.3.clone())
+                    .unwrap_or_default();
                 data.resize(r.len, 0);
                 bufs.push((r.field.to_string(), data));
             }
@@ -551,7 +704,12 @@ impl Backend for FuseBackend {
             }
             for f in &c.fds {
                 if let Some(fd_field) = sd.field(&f.field) {
-                    write_uint(&mut arg, fd_field.offset, fd_field.size, self.live_fd(f.target) as u32 as u64);
+                    write_uint(
+                        &mut arg,
+                        fd_field.offset,
+                        fd_field.size,
+                        self.live_fd(f.target) as u32 as u64,
+                    );
                 }
             }
         }
@@ -565,7 +723,13 @@ impl Backend for FuseBackend {
             let result = if r < 0 { -Errno::last().0 } else { 0 };
             // SAFETY: gettid/getpid have no preconditions.
             let who = unsafe { (libc::gettid() as u32, libc::getpid() as u32) };
-            let _ = tx.send(Completion { seq, who, result, arg, arrays: bufs });
+            let _ = tx.send(Completion {
+                seq,
+                who,
+                result,
+                arg,
+                arrays: bufs,
+            });
         });
     }
     fn finish(&mut self) {
@@ -575,7 +739,10 @@ impl Backend for FuseBackend {
         }
         crate::transport::mount::unmount(&self.mount);
         if let Some(d) = self.dev {
-            let _ = std::fs::write(format!("/sys/fs/fuse/connections/{}/abort", libc::minor(d)), "1");
+            let _ = std::fs::write(
+                format!("/sys/fs/fuse/connections/{}/abort", libc::minor(d)),
+                "1",
+            );
         }
         if let Some(r) = self.runner.take() {
             let deadline = Instant::now() + Duration::from_secs(2);
@@ -622,24 +789,59 @@ fn fmt_res(r: i32) -> String {
 }
 
 impl<'a> Replayer<'a> {
-    fn diff(&mut self, r: &Record, call: String, field: String, recorded: String, replayed: String) {
-        self.report.diffs.push(Diff { seq: r.seq, ctx: r.ctx, call, field, recorded, replayed });
+    fn diff(
+        &mut self,
+        r: &Record,
+        call: String,
+        field: String,
+        recorded: String,
+        replayed: String,
+    ) {
+        self.report.diffs.push(Diff {
+            seq: r.seq,
+            ctx: r.ctx,
+            call,
+            field,
+            recorded,
+            replayed,
+        });
     }
 
     fn complete(&mut self, c: Completion) {
-        let Some(p) = self.pending.remove(&c.seq) else { return };
+        let Some(p) = self.pending.remove(&c.seq) else {
+            return;
+        };
         let name = call_name(p.io.cmd);
-        let expected = if p.io.stage == Stage::Device { p.io.dev_result } else { p.io.result };
+        let expected = if p.io.stage == Stage::Device {
+            p.io.dev_result
+        } else {
+            p.io.result
+        };
         if c.result != expected {
-            self.diff(p.rec, name, "errno".into(), fmt_res(expected), fmt_res(c.result));
+            self.diff(
+                p.rec,
+                name,
+                "errno".into(),
+                fmt_res(expected),
+                fmt_res(c.result),
+            );
             return;
         }
         if p.io.stage == Stage::Mux {
             return;
         }
-        let Some(sd) = p.variant.and_then(|v| v.arg) else { return };
-        let mut cmp = Cmp { maps: &mut self.maps, out: Vec::new(), rec_who: (p.rec.pid, p.rec.tgid), live_who: c.who };
-        if p.variant.is_some_and(|v| matches!(v.dir, Dir::Read | Dir::ReadWrite)) {
+        let Some(sd) = p.variant.and_then(|v| v.arg) else {
+            return;
+        };
+        let mut cmp = Cmp {
+            maps: &mut self.maps,
+            out: Vec::new(),
+            rec_who: (p.rec.pid, p.rec.tgid),
+            live_who: c.who,
+        };
+        if p.variant
+            .is_some_and(|v| matches!(v.dir, Dir::Read | Dir::ReadWrite))
+        {
             let limit = p.io.arg_in.len().min(p.io.arg_out.len());
             cmp.fields(sd, &p.io.arg_out, &c.arg, limit, "", false);
         }
@@ -647,7 +849,11 @@ impl<'a> Replayer<'a> {
             for a in p.io.arrays.iter().filter(|a| a.io.is_out()) {
                 match c.arrays.iter().find(|(f, _)| *f == a.field) {
                     Some((_, live)) => cmp.array(sd, &a.field, &a.data_out, live),
-                    None => cmp.out.push((format!("{}[]", a.field), format!("{} bytes", a.data_out.len()), "missing".into())),
+                    None => cmp.out.push((
+                        format!("{}[]", a.field),
+                        format!("{} bytes", a.data_out.len()),
+                        "missing".into(),
+                    )),
                 }
             }
         }
@@ -661,14 +867,28 @@ impl<'a> Replayer<'a> {
         let deadline = Instant::now() + limit;
         while self.pending.values().any(&pred) {
             let now = Instant::now();
-            match self.rx.recv_timeout(deadline.saturating_duration_since(now)) {
+            match self
+                .rx
+                .recv_timeout(deadline.saturating_duration_since(now))
+            {
                 Ok(c) => self.complete(c),
                 Err(_) => {
-                    let stuck: Vec<u64> = self.pending.iter().filter(|(_, p)| pred(p)).map(|(s, _)| *s).collect();
+                    let stuck: Vec<u64> = self
+                        .pending
+                        .iter()
+                        .filter(|(_, p)| pred(p))
+                        .map(|(s, _)| *s)
+                        .collect();
                     for s in stuck {
                         if let Some(p) = self.pending.remove(&s) {
                             let secs = p.io.t_end_ns.saturating_sub(p.rec.t_ns) as f64 / 1e9;
-                            self.diff(p.rec, call_name(p.io.cmd), "completion".into(), format!("after {secs:.3} s"), format!("still blocked after {} s", limit.as_secs()));
+                            self.diff(
+                                p.rec,
+                                call_name(p.io.cmd),
+                                "completion".into(),
+                                format!("after {secs:.3} s"),
+                                format!("still blocked after {} s", limit.as_secs()),
+                            );
                         }
                     }
                     return;
@@ -689,15 +909,28 @@ impl<'a> Replayer<'a> {
             // What the mux refuses from the arguments alone replays; a fault reading the
             // caller's memory does not (the replay's memory is valid).
             let kind = FileKind::Kfd;
-            let kind = if crate::abi::table::ioc_type(i.cmd) == crate::abi::table::DRM_IOC_TYPE { FileKind::Render(0) } else { kind };
+            let kind = if crate::abi::table::ioc_type(i.cmd) == crate::abi::table::DRM_IOC_TYPE {
+                FileKind::Render(0)
+            } else {
+                kind
+            };
             let pre = Mux::lookup_cmd(kind, i.cmd).and_then(|(_, v)| {
-                let full = v.arg.map(|a| a.size).unwrap_or(0).max(ioc_size(i.cmd) as usize);
+                let full = v
+                    .arg
+                    .map(|a| a.size)
+                    .unwrap_or(0)
+                    .max(ioc_size(i.cmd) as usize);
                 let mut arg = i.arg_in.clone();
                 arg.resize(full, 0);
-                v.arg.map(|sd| crate::marshal::plan(sd, &arg).map(|_| ())).unwrap_or(Ok(()))
+                v.arg
+                    .map(|sd| crate::marshal::plan(sd, &arg).map(|_| ()))
+                    .unwrap_or(Ok(()))
             });
             if res(&pre) != i.result {
-                return Some(format!("refused by kfdmux with {} for a reason replay cannot reproduce", fmt_res(i.result)));
+                return Some(format!(
+                    "refused by kfdmux with {} for a reason replay cannot reproduce",
+                    fmt_res(i.result)
+                ));
             }
         }
         if i.dev_result == -libc::EINTR {
@@ -713,17 +946,40 @@ impl<'a> Replayer<'a> {
             println!("{}", super::show::fmt_record(r));
         }
         match &r.event {
-            Event::Open { uid, gid, kind, result } => {
+            Event::Open {
+                uid,
+                gid,
+                kind,
+                result,
+            } => {
                 self.report.opens += 1;
-                let caller = Caller { pid: r.pid, tgid: r.tgid, uid: *uid, gid: *gid };
-                let key = if *result == 0 { r.ctx } else { u64::MAX - r.seq };
+                let caller = Caller {
+                    pid: r.pid,
+                    tgid: r.tgid,
+                    uid: *uid,
+                    gid: *gid,
+                };
+                let key = if *result == 0 {
+                    r.ctx
+                } else {
+                    u64::MAX - r.seq
+                };
                 let live = self.backend.open(key, caller, *kind);
-                let call = format!("open {}", match kind {
-                    FileKind::Kfd => "kfd".to_string(),
-                    FileKind::Render(i) => format!("render{i}"),
-                });
+                let call = format!(
+                    "open {}",
+                    match kind {
+                        FileKind::Kfd => "kfd".to_string(),
+                        FileKind::Render(i) => format!("render{i}"),
+                    }
+                );
                 if res(&live) != *result {
-                    self.diff(r, call, "result".into(), fmt_res(*result), fmt_res(res(&live)));
+                    self.diff(
+                        r,
+                        call,
+                        "result".into(),
+                        fmt_res(*result),
+                        fmt_res(res(&live)),
+                    );
                 }
                 if *result != 0 {
                     self.backend.release(key);
@@ -740,14 +996,22 @@ impl<'a> Replayer<'a> {
                     return;
                 }
                 if self.dead.contains(&r.ctx) {
-                    self.report.skipped.push((r.seq, call_name(i.cmd), "its context failed to open in the replay".into()));
+                    self.report.skipped.push((
+                        r.seq,
+                        call_name(i.cmd),
+                        "its context failed to open in the replay".into(),
+                    ));
                     return;
                 }
                 let variant = lookup(i.cmd).map(|(_, v)| v);
                 let mut arg = i.arg_in.clone();
                 let mut arrays: Vec<(String, Io, u64, Vec<u8>)> = Vec::new();
                 for a in &i.arrays {
-                    let mut data = if a.io.is_in() { a.data_in.clone() } else { vec![0; a.data_out.len()] };
+                    let mut data = if a.io.is_in() {
+                        a.data_in.clone()
+                    } else {
+                        vec![0; a.data_out.len()]
+                    };
                     if let Some(sd) = variant.and_then(|v| v.arg) {
                         remap_array(&self.maps, sd, &a.field, &mut data);
                     }
@@ -765,8 +1029,27 @@ impl<'a> Replayer<'a> {
                     }
                 }
                 let (_, uid, gid) = self.owners.get(&r.ctx).copied().unwrap_or((r.tgid, 0, 0));
-                let call = LiveCall { seq: r.seq, cmd: i.cmd, caller: Caller { pid: r.pid, tgid: r.tgid, uid, gid }, arg, arrays, fds: i.fds.clone() };
-                self.pending.insert(r.seq, InFlight { rec: r, io: i, variant });
+                let call = LiveCall {
+                    seq: r.seq,
+                    cmd: i.cmd,
+                    caller: Caller {
+                        pid: r.pid,
+                        tgid: r.tgid,
+                        uid,
+                        gid,
+                    },
+                    arg,
+                    arrays,
+                    fds: i.fds.clone(),
+                };
+                self.pending.insert(
+                    r.seq,
+                    InFlight {
+                        rec: r,
+                        io: i,
+                        variant,
+                    },
+                );
                 self.report.calls += 1;
                 let tx = self.tx.clone();
                 self.backend.issue(r.ctx, call, tx);
@@ -798,7 +1081,11 @@ pub fn replay_trace(t: &Trace, o: &ReplayOptions) -> Result<Report, String> {
     }
     let device = SimDevice::new(gpus, cfg);
     let backend: Box<dyn Backend> = match o.via {
-        Via::Direct => Box::new(DirectBackend { device, ctxs: HashMap::new(), live: HashMap::new() }),
+        Via::Direct => Box::new(DirectBackend {
+            device,
+            ctxs: HashMap::new(),
+            live: HashMap::new(),
+        }),
         Via::Fuse => Box::new(FuseBackend::new(device)?),
         Via::Cuse => {
             return Err(if Path::new("/dev/cuse").exists() {
@@ -813,7 +1100,17 @@ pub fn replay_trace(t: &Trace, o: &ReplayOptions) -> Result<Report, String> {
         maps.learn(Class::Gpu, r as u64, l as u64);
     }
     let (tx, rx) = channel();
-    let mut rp = Replayer { backend, maps, tx, rx, pending: HashMap::new(), report: Report::default(), verbose: o.verbose, owners: HashMap::new(), dead: HashSet::new() };
+    let mut rp = Replayer {
+        backend,
+        maps,
+        tx,
+        rx,
+        pending: HashMap::new(),
+        report: Report::default(),
+        verbose: o.verbose,
+        owners: HashMap::new(),
+        dead: HashSet::new(),
+    };
     for r in t.by_seq() {
         if !o.contexts.is_empty() && !o.contexts.contains(&r.ctx) {
             continue;
@@ -834,7 +1131,10 @@ pub fn run(o: &ReplayOptions) -> Result<i32, String> {
     }
     let t = Trace::read(&o.path)?;
     if t.torn_tail > 0 {
-        eprintln!("kfdmux replay: ignoring {} bytes of an incomplete last record", t.torn_tail);
+        eprintln!(
+            "kfdmux replay: ignoring {} bytes of an incomplete last record",
+            t.torn_tail
+        );
     }
     let rep = replay_trace(&t, o)?;
     for d in rep.diffs.iter().take(o.max_diffs) {
@@ -851,7 +1151,11 @@ pub fn run(o: &ReplayOptions) -> Result<i32, String> {
         "replayed {} calls and {} opens via {via}: {} ({} skipped)",
         rep.calls,
         rep.opens,
-        if rep.matched() { "match".to_string() } else { format!("{} differences", rep.diffs.len()) },
+        if rep.matched() {
+            "match".to_string()
+        } else {
+            format!("{} differences", rep.diffs.len())
+        },
         rep.skipped.len()
     );
     Ok(if rep.matched() { 0 } else { 1 })

@@ -4,7 +4,10 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use crate::abi::table::{ioc_nr, ioc_size, ioc_type, read_uint, FieldDef, IoctlDef, IoctlVariant, Kind, Prim, StructDef, Ty, DRM_IOC_TYPE, KFD_IOC_TYPE};
+use crate::abi::table::{
+    ioc_nr, ioc_size, ioc_type, read_uint, FieldDef, IoctlDef, IoctlVariant, Kind, Prim, StructDef,
+    Ty, DRM_IOC_TYPE, KFD_IOC_TYPE,
+};
 use crate::device::FileKind;
 
 use super::{errno_name, ArrayRec, Event, IoctlRec, Record, Stage, Trace};
@@ -121,7 +124,9 @@ pub fn fmt_field(f: &FieldDef, b: &[u8]) -> String {
         if matches!(p, Prim::Struct(_)) || matches!(f.kind, Kind::Opaque) {
             return hex_bytes(bytes);
         }
-        let mut v: Vec<String> = (0..n.min(MAX_ELEMS)).map(|i| read_uint(bytes, i * es, es).to_string()).collect();
+        let mut v: Vec<String> = (0..n.min(MAX_ELEMS))
+            .map(|i| read_uint(bytes, i * es, es).to_string())
+            .collect();
         if n > MAX_ELEMS {
             v.push("...".into());
         }
@@ -130,7 +135,9 @@ pub fn fmt_field(f: &FieldDef, b: &[u8]) -> String {
     let v = read_uint(b, f.offset, f.size);
     match f.kind {
         Kind::Opaque => hex_bytes(b.get(f.offset..f.offset + f.size).unwrap_or(&[])),
-        Kind::GpuId | Kind::Handle(_) | Kind::MmapOffset | Kind::Address | Kind::Pointer(_) => format!("{v:#x}"),
+        Kind::GpuId | Kind::Handle(_) | Kind::MmapOffset | Kind::Address | Kind::Pointer(_) => {
+            format!("{v:#x}")
+        }
         Kind::Fd => signed(v, f.size).to_string(),
         _ => match f.decode {
             Some(t) => decode_flags(t, v),
@@ -149,7 +156,12 @@ fn visible(f: &FieldDef, len: usize) -> bool {
 fn fmt_elem(elem: Option<&StructDef>, elem_size: usize, b: &[u8]) -> String {
     match elem {
         Some(sd) => {
-            let parts: Vec<String> = sd.fields.iter().filter(|f| visible(f, b.len())).map(|f| format!("{}={}", f.name, fmt_field(f, b))).collect();
+            let parts: Vec<String> = sd
+                .fields
+                .iter()
+                .filter(|f| visible(f, b.len()))
+                .map(|f| format!("{}={}", f.name, fmt_field(f, b)))
+                .collect();
             format!("{{{}}}", parts.join(", "))
         }
         None => format!("{:#x}", read_uint(b, 0, elem_size.min(8))),
@@ -168,15 +180,27 @@ pub fn fmt_array(sd: &StructDef, a: &ArrayRec, data: &[u8]) -> String {
     if es == 1 && elem.is_none() {
         // Byte arrays holding text are strings (DRM_VERSION's name, date, desc).
         let end = data.iter().position(|&c| c == 0).unwrap_or(data.len());
-        if end > 0 && data[..end].iter().all(|c| c.is_ascii_graphic() || *c == b' ') {
+        if end > 0
+            && data[..end]
+                .iter()
+                .all(|c| c.is_ascii_graphic() || *c == b' ')
+        {
             return format!("{:?}", String::from_utf8_lossy(&data[..end]));
         }
         return hex_bytes(data);
     }
     // Trailing unused (all-zero) elements are counted, not printed.
-    let used = data.chunks(es).rposition(|c| c.iter().any(|&x| x != 0)).map(|i| i + 1).unwrap_or(0);
+    let used = data
+        .chunks(es)
+        .rposition(|c| c.iter().any(|&x| x != 0))
+        .map(|i| i + 1)
+        .unwrap_or(0);
     let data = &data[..used * es];
-    let mut v: Vec<String> = data.chunks(es).take(MAX_ELEMS).map(|c| fmt_elem(elem, es, c)).collect();
+    let mut v: Vec<String> = data
+        .chunks(es)
+        .take(MAX_ELEMS)
+        .map(|c| fmt_elem(elem, es, c))
+        .collect();
     if data.len() / es > MAX_ELEMS {
         v.push(format!("... {} more", data.len() / es - MAX_ELEMS));
     }
@@ -196,7 +220,11 @@ fn fmt_struct(sd: &StructDef, b: &[u8], out: bool, arrays: &[ArrayRec], fields: 
         if let Some(a) = arrays.iter().find(|a| a.field == f.name) {
             let data = if out { &a.data_out } else { &a.data_in };
             if (out && a.io.is_out()) || (!out && a.io.is_in()) {
-                s = if out { format!("{}={}", f.name, fmt_array(sd, a, data)) } else { format!("{s}→{}", fmt_array(sd, a, data)) };
+                s = if out {
+                    format!("{}={}", f.name, fmt_array(sd, a, data))
+                } else {
+                    format!("{s}→{}", fmt_array(sd, a, data))
+                };
             } else if out {
                 continue;
             }
@@ -205,7 +233,11 @@ fn fmt_struct(sd: &StructDef, b: &[u8], out: bool, arrays: &[ArrayRec], fields: 
     }
     if let Some(t) = sd.trailing {
         if t.elem_size > 0 && b.len() > sd.size {
-            let v: Vec<String> = b[sd.size..].chunks(t.elem_size).take(MAX_ELEMS).map(|c| fmt_elem(t.elem, t.elem_size, c)).collect();
+            let v: Vec<String> = b[sd.size..]
+                .chunks(t.elem_size)
+                .take(MAX_ELEMS)
+                .map(|c| fmt_elem(t.elem, t.elem_size, c))
+                .collect();
             parts.push(format!("{}[]=[{}]", t.elem_name, v.join(", ")));
         }
     }
@@ -216,7 +248,15 @@ fn fmt_result(r: i32) -> String {
     if r == 0 {
         "0".into()
     } else {
-        format!("-1 {} ({})", errno_name(-r), std::io::Error::from_raw_os_error(-r).to_string().split(" (os error").next().unwrap_or(""))
+        format!(
+            "-1 {} ({})",
+            errno_name(-r),
+            std::io::Error::from_raw_os_error(-r)
+                .to_string()
+                .split(" (os error")
+                .next()
+                .unwrap_or("")
+        )
     }
 }
 
@@ -232,10 +272,12 @@ pub fn fmt_ioctl(i: &IoctlRec) -> String {
     let name = call_name(i.cmd);
     let sd = lookup(i.cmd).and_then(|(_, v)| v.arg);
     let mut s = match sd {
-        Some(sd) if i.stage == Stage::Device || !i.arg_in.is_empty() => match fmt_struct(sd, &i.arg_in, false, &i.arrays, true) {
-            e if e == "{}" => format!("{name}()"),
-            a => format!("{name}({a})"),
-        },
+        Some(sd) if i.stage == Stage::Device || !i.arg_in.is_empty() => {
+            match fmt_struct(sd, &i.arg_in, false, &i.arrays, true) {
+                e if e == "{}" => format!("{name}()"),
+                a => format!("{name}({a})"),
+            }
+        }
         _ if lookup(i.cmd).is_none() => format!("{name}(size {})", ioc_size(i.cmd)),
         _ => format!("{name}()"),
     };
@@ -244,8 +286,19 @@ pub fn fmt_ioctl(i: &IoctlRec) -> String {
         let _ = write!(s, " [device: {}]", fmt_result(i.dev_result));
     }
     if let (Some(sd), Stage::Device) = (sd, i.stage) {
-        let writes = lookup(i.cmd).is_some_and(|(_, v)| matches!(v.dir, crate::abi::table::Dir::Read | crate::abi::table::Dir::ReadWrite));
-        let out = fmt_struct(sd, &i.arg_out, true, if i.dev_result == 0 { &i.arrays } else { &[] }, writes);
+        let writes = lookup(i.cmd).is_some_and(|(_, v)| {
+            matches!(
+                v.dir,
+                crate::abi::table::Dir::Read | crate::abi::table::Dir::ReadWrite
+            )
+        });
+        let out = fmt_struct(
+            sd,
+            &i.arg_out,
+            true,
+            if i.dev_result == 0 { &i.arrays } else { &[] },
+            writes,
+        );
         if out != "{}" {
             let _ = write!(s, " => {out}");
         }
@@ -262,12 +315,24 @@ pub fn fmt_ioctl(i: &IoctlRec) -> String {
 /// One strace-like line.
 pub fn fmt_record(r: &Record) -> String {
     let t = r.t_ns as f64 / 1e9;
-    let who = if r.pid == r.tgid { format!("{}", r.pid) } else { format!("{}/{}", r.tgid, r.pid) };
+    let who = if r.pid == r.tgid {
+        format!("{}", r.pid)
+    } else {
+        format!("{}/{}", r.tgid, r.pid)
+    };
     let body = match &r.event {
-        Event::Open { kind, result: 0, .. } => format!("open {} = ctx {}", kind_name(*kind), r.ctx),
-        Event::Open { kind, result, .. } => format!("open {} = {}", kind_name(*kind), fmt_result(*result)),
+        Event::Open {
+            kind, result: 0, ..
+        } => format!("open {} = ctx {}", kind_name(*kind), r.ctx),
+        Event::Open { kind, result, .. } => {
+            format!("open {} = {}", kind_name(*kind), fmt_result(*result))
+        }
         Event::Release => "close".to_string(),
-        Event::Ioctl(i) => format!("{} <{:.6}>", fmt_ioctl(i), i.t_end_ns.saturating_sub(r.t_ns) as f64 / 1e9),
+        Event::Ioctl(i) => format!(
+            "{} <{:.6}>",
+            fmt_ioctl(i),
+            i.t_end_ns.saturating_sub(r.t_ns) as f64 / 1e9
+        ),
     };
     format!("{t:12.6} ctx {:<3} pid {who:<7} {body}", r.ctx)
 }
@@ -294,13 +359,21 @@ fn json_str(s: &str) -> String {
 /// A field's JSON value: numbers for plain values (as strings beyond 2^53), decoded text for
 /// flags, hex strings for handles, ids, addresses and offsets.
 fn json_field(f: &FieldDef, b: &[u8]) -> String {
-    let plain = matches!(f.kind, Kind::Plain | Kind::Count | Kind::Volatile | Kind::Fd) && f.decode.is_none() && !matches!(f.ty, Ty::Array(..));
+    let plain = matches!(
+        f.kind,
+        Kind::Plain | Kind::Count | Kind::Volatile | Kind::Fd
+    ) && f.decode.is_none()
+        && !matches!(f.ty, Ty::Array(..));
     if plain {
         let v = read_uint(b, f.offset, f.size);
         if matches!(f.ty, Ty::I32 | Ty::I64) || matches!(f.kind, Kind::Fd) {
             return signed(v, f.size).to_string();
         }
-        return if v < (1 << 53) { v.to_string() } else { json_str(&v.to_string()) };
+        return if v < (1 << 53) {
+            v.to_string()
+        } else {
+            json_str(&v.to_string())
+        };
     }
     json_str(&fmt_field(f, b))
 }
@@ -327,10 +400,22 @@ fn json_bytes(b: &[u8]) -> String {
 
 /// One record as a JSON object.
 pub fn json_record(r: &Record) -> String {
-    let mut s = format!("{{\"seq\":{},\"t_ns\":{},\"ctx\":{},\"pid\":{},\"tgid\":{}", r.seq, r.t_ns, r.ctx, r.pid, r.tgid);
+    let mut s = format!(
+        "{{\"seq\":{},\"t_ns\":{},\"ctx\":{},\"pid\":{},\"tgid\":{}",
+        r.seq, r.t_ns, r.ctx, r.pid, r.tgid
+    );
     match &r.event {
-        Event::Open { uid, gid, kind, result } => {
-            let _ = write!(s, ",\"type\":\"open\",\"file\":{},\"uid\":{uid},\"gid\":{gid},\"result\":{result}", json_str(&kind_name(*kind)));
+        Event::Open {
+            uid,
+            gid,
+            kind,
+            result,
+        } => {
+            let _ = write!(
+                s,
+                ",\"type\":\"open\",\"file\":{},\"uid\":{uid},\"gid\":{gid},\"result\":{result}",
+                json_str(&kind_name(*kind))
+            );
         }
         Event::Release => s.push_str(",\"type\":\"close\""),
         Event::Ioctl(i) => {
@@ -361,10 +446,29 @@ pub fn json_record(r: &Record) -> String {
             let arrays: Vec<String> = i
                 .arrays
                 .iter()
-                .map(|a| format!("{{\"field\":{},\"addr\":\"{:#x}\",\"in\":{},\"out\":{}}}", json_str(&a.field), a.addr, json_bytes(&a.data_in), json_bytes(&a.data_out)))
+                .map(|a| {
+                    format!(
+                        "{{\"field\":{},\"addr\":\"{:#x}\",\"in\":{},\"out\":{}}}",
+                        json_str(&a.field),
+                        a.addr,
+                        json_bytes(&a.data_in),
+                        json_bytes(&a.data_out)
+                    )
+                })
                 .collect();
             let _ = write!(s, ",\"arrays\":[{}]", arrays.join(","));
-            let fds: Vec<String> = i.fds.iter().map(|f| format!("{{\"field\":{},\"fd\":{},\"target\":{}}}", json_str(&f.field), f.fd, json_str(&format!("{:?}", f.target)))).collect();
+            let fds: Vec<String> = i
+                .fds
+                .iter()
+                .map(|f| {
+                    format!(
+                        "{{\"field\":{},\"fd\":{},\"target\":{}}}",
+                        json_str(&f.field),
+                        f.fd,
+                        json_str(&format!("{:?}", f.target))
+                    )
+                })
+                .collect();
             let _ = write!(s, ",\"fds\":[{}]", fds.join(","));
         }
     }
@@ -386,7 +490,9 @@ fn selected(o: &ShowOptions, r: &Record) -> bool {
             }
             o.calls.is_empty() || {
                 let n = call_name(i.cmd);
-                o.calls.iter().any(|c| c.eq_ignore_ascii_case(&n) || format!("DRM_{c}").eq_ignore_ascii_case(&n))
+                o.calls.iter().any(|c| {
+                    c.eq_ignore_ascii_case(&n) || format!("DRM_{c}").eq_ignore_ascii_case(&n)
+                })
             }
         }
         Event::Open { result, .. } => o.calls.is_empty() && (!o.failed || *result != 0),
@@ -398,8 +504,17 @@ fn selected(o: &ShowOptions, r: &Record) -> bool {
 pub fn render(o: &ShowOptions, t: &Trace) -> Vec<String> {
     let mut out = Vec::new();
     if o.json {
-        let h: Vec<String> = t.header.entries.iter().map(|(k, v)| format!("{}:{}", json_str(k), json_str(v))).collect();
-        out.push(format!("{{\"type\":\"header\",\"version\":{},{}}}", super::VERSION, h.join(",")));
+        let h: Vec<String> = t
+            .header
+            .entries
+            .iter()
+            .map(|(k, v)| format!("{}:{}", json_str(k), json_str(v)))
+            .collect();
+        out.push(format!(
+            "{{\"type\":\"header\",\"version\":{},{}}}",
+            super::VERSION,
+            h.join(",")
+        ));
     } else {
         for (k, v) in &t.header.entries {
             out.push(format!("# {k}={v}"));
@@ -407,11 +522,18 @@ pub fn render(o: &ShowOptions, t: &Trace) -> Vec<String> {
     }
     for r in t.by_seq() {
         if selected(o, r) {
-            out.push(if o.json { json_record(r) } else { fmt_record(r) });
+            out.push(if o.json {
+                json_record(r)
+            } else {
+                fmt_record(r)
+            });
         }
     }
     if t.torn_tail > 0 && !o.json {
-        out.push(format!("# {} bytes of an incomplete last record ignored", t.torn_tail));
+        out.push(format!(
+            "# {} bytes of an incomplete last record ignored",
+            t.torn_tail
+        ));
     }
     out
 }

@@ -390,9 +390,11 @@ impl Session {
                 ..Default::default()
             };
             let info = format!("DEVNAME={name}\0");
-            self.chan.send(req.unique, 0, &[out.as_bytes(), info.as_bytes()]);
-            self.initialized.store(true, Ordering::Release);
+            // As for FUSE below: ready before the reply, since the kernel registers the device
+            // on it and an OPEN may reach another worker before this one returns.
             self.fs.init(false);
+            self.initialized.store(true, Ordering::Release);
+            self.chan.send(req.unique, 0, &[out.as_bytes(), info.as_bytes()]);
             return;
         }
         let mut kflags = inp.flags as u64;

@@ -21,9 +21,14 @@ fn is_mounted(p: &Path) -> bool {
 impl SecDaemon {
     /// Starts the daemon on `mount` (created if missing) and waits until `kfd` is there.
     pub fn start(mount: &Path, gpus: &str, extra: &[&str]) -> SecDaemon {
-        fs::create_dir_all(mount).unwrap();
+        // A dead mount left by a killed daemon stats as ENOTCONN: the daemon detaches it.
+        let _ = fs::create_dir_all(mount);
         let log = mount.with_extension("log");
-        let out = fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_kfdmux"))
             .args(["serve", "--transport", "fuse", "--mount"])
             .arg(mount)
@@ -35,7 +40,11 @@ impl SecDaemon {
             .stderr(out)
             .spawn()
             .expect("spawn kfdmux serve");
-        let mut d = SecDaemon { child, mount: mount.to_path_buf(), log };
+        let mut d = SecDaemon {
+            child,
+            mount: mount.to_path_buf(),
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(Some(st)) = d.child.try_wait() {
@@ -44,7 +53,11 @@ impl SecDaemon {
             if is_mounted(&d.mount) && d.mount.join("kfd").exists() {
                 return d;
             }
-            assert!(Instant::now() < deadline, "daemon did not mount in 10 s:\n{}", d.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not mount in 10 s:\n{}",
+                d.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -63,7 +63,10 @@ impl Registry {
 
     /// Live objects (for the stats file).
     pub fn live(&self) -> u64 {
-        self.lock().values().filter(|w| w.strong_count() > 0).count() as u64
+        self.lock()
+            .values()
+            .filter(|w| w.strong_count() > 0)
+            .count() as u64
     }
 }
 

@@ -753,7 +753,10 @@ fn alloc_memory_of_gpu(cx: &mut Cx, call: &mut IoctlCall) -> IoctlResult {
         && (cx.st.svm.overlaps_bytes(a.va_addr, a.size)
             || (is_userptr && cx.st.svm.overlaps_bytes(a.mmap_offset, a.size)))
     {
-        log::debug!("sim kfd: address {:#x} already allocated by SVM: EADDRINUSE", a.va_addr);
+        log::debug!(
+            "sim kfd: address {:#x} already allocated by SVM: EADDRINUSE",
+            a.va_addr
+        );
         return Err(Errno(libc::EADDRINUSE));
     }
     let gi = cx.pdd_index(a.gpu_id)?;

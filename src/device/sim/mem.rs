@@ -253,8 +253,14 @@ mod tests {
         // The page before it is still free.
         assert_eq!(a.alloc(PAGE_SIZE), Some(PAGE_SIZE));
         assert_eq!(a.alloc(PAGE_SIZE), Some(4 * PAGE_SIZE));
-        assert_eq!(a.alloc_aligned(2 * PAGE_SIZE, 8 * PAGE_SIZE), Some(8 * PAGE_SIZE));
+        assert_eq!(
+            a.alloc_aligned(2 * PAGE_SIZE, 8 * PAGE_SIZE),
+            Some(8 * PAGE_SIZE)
+        );
         assert_eq!(a.used_bytes, 6 * PAGE_SIZE);
-        assert!(a.alloc_aligned(PAGE_SIZE, 3 * PAGE_SIZE).is_none(), "alignment must be 2^n");
+        assert!(
+            a.alloc_aligned(PAGE_SIZE, 3 * PAGE_SIZE).is_none(),
+            "alignment must be 2^n"
+        );
     }
 }

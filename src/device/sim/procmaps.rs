@@ -110,7 +110,10 @@ mod tests {
         assert!(covered(&v, 0x2000, 0x2008));
         assert!(!covered(&v, 0x3000, 0x5000), "a hole");
         assert!(!covered(&v, 0x5000, 0x5001), "no access");
-        assert!(!covered(&v, 0x800, 0x1800), "starts before the first mapping");
+        assert!(
+            !covered(&v, 0x800, 0x1800),
+            "starts before the first mapping"
+        );
         assert!(covered(&v, 0x7000, 0x8000));
         assert!(!covered(&v, 0x7000, 0x9000));
     }

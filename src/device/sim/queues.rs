@@ -306,10 +306,16 @@ fn create(cx: &mut Cx, a: &mut KfdIoctlCreateQueueArgs) -> Result<(), Errno> {
     let doorbell_id = if !soc15 {
         Some(qid)
     } else if let Some((_, _, engine, queue)) = sdma {
-        Some(SDMA_DOORBELL_BASE + SDMA_DOORBELL_STRIDE * engine + (queue & 1) * DOORBELL_MIRROR + (queue >> 1))
+        Some(
+            SDMA_DOORBELL_BASE
+                + SDMA_DOORBELL_STRIDE * engine
+                + (queue & 1) * DOORBELL_MIRROR
+                + (queue >> 1),
+        )
     } else {
-        let reserved =
-            |i: u32| (NON_CP_FIRST..=NON_CP_LAST).contains(&(i % DOORBELL_MIRROR)) && i < 2 * DOORBELL_MIRROR;
+        let reserved = |i: u32| {
+            (NON_CP_FIRST..=NON_CP_LAST).contains(&(i % DOORBELL_MIRROR)) && i < 2 * DOORBELL_MIRROR
+        };
         let id = (0..MAX_QUEUES_PER_PROCESS).find(|i| !reserved(*i) && !q.db_used.contains(i));
         if let Some(id) = id {
             q.db_used.insert(id);
@@ -388,7 +394,10 @@ fn destroy(cx: &mut Cx, qid: u32) -> Option<()> {
 pub(crate) fn destroy_queue(cx: &mut Cx, call: &mut IoctlCall) -> Result<(), Errno> {
     let a: KfdIoctlDestroyQueueArgs = call.args();
     destroy(cx, a.queue_id).ok_or_else(|| {
-        log::debug!("sim kfd: DESTROY_QUEUE of unknown queue {}: EINVAL", a.queue_id);
+        log::debug!(
+            "sim kfd: DESTROY_QUEUE of unknown queue {}: EINVAL",
+            a.queue_id
+        );
         Errno::EINVAL
     })
 }
@@ -421,7 +430,10 @@ pub(crate) fn update_queue(cx: &mut Cx, call: &mut IoctlCall) -> Result<(), Errn
         return Err(Errno::EINVAL);
     }
     let Some(q) = cx.st.queues.queues.get(&a.queue_id) else {
-        log::debug!("sim kfd: UPDATE_QUEUE of unknown queue {}: EFAULT", a.queue_id);
+        log::debug!(
+            "sim kfd: UPDATE_QUEUE of unknown queue {}: EFAULT",
+            a.queue_id
+        );
         return Err(Errno::EFAULT);
     };
     // A new ring must be mapped like the first one (EINVAL otherwise).

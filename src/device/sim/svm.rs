@@ -441,10 +441,7 @@ fn get_attr(cx: &Cx, first: u64, last: u64, attrs: &mut [(u32, u32)]) -> Result<
 pub(crate) fn free_all(cx: &mut Cx) {
     let n = cx.st.svm.len() as u64;
     cx.st.svm.ranges.clear();
-    cx.shared()
-        .stats
-        .svm_ranges
-        .fetch_sub(n, Ordering::Relaxed);
+    cx.shared().stats.svm_ranges.fetch_sub(n, Ordering::Relaxed);
 }
 
 #[cfg(test)]
