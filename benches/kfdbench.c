@@ -5,6 +5,8 @@
  *
  * usage: kfdbench MODE [options] [PATH]
  *   MODE   pipepp            ping-pong of one byte with an echo process over two pipes
+ *          pvmr, pvmw        process_vm_readv / process_vm_writev of -s bytes (default 32) in
+ *                            another process: what kfdmux pays per pointer array
  *          fioc   PATH       _IOR('E', 0, size_t) on a FUSE peer's file (8 bytes out)
  *          version PATH      AMDKFD_IOC_GET_VERSION on a kfd file (flat, 8 bytes out)
  *          clock  PATH       AMDKFD_IOC_GET_CLOCK_COUNTERS (flat, 40 bytes in/out)
@@ -25,6 +27,7 @@
  *   -a CPUS   pin client i to CPUS[i % len] (comma list); -b CPU pins pipepp's echo process
  *   -c COUNT  contexts for hold/scale (default 100 / 10000)
  *   -g GPUS   GPUs to map to in map8 (default 8)
+ *   -s BYTES  size for pvmr/pvmw (default 32, at most 65536)
  *
  * Method: 2000 warm-up ops; a barrier; an untimed pass of N ops per client (ops_s: C*N over
  * the time from the first start to the last end); a barrier; a timed pass of N ops per client
@@ -45,6 +48,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -53,13 +57,16 @@
 #define MAXGPU 16
 #define NEVENTS 64
 
-enum mode { M_PIPEPP, M_FIOC, M_VERSION, M_CLOCK, M_MAP8, M_WAIT64, M_CYCLE, M_HOLD, M_SCALE };
-static const char *mode_names[] = { "pipepp", "fioc", "version", "clock", "map8",
-				    "wait64", "cycle", "hold", "scale" };
+enum mode { M_PIPEPP, M_PVMR, M_PVMW, M_FIOC, M_VERSION, M_CLOCK, M_MAP8, M_WAIT64, M_CYCLE,
+	    M_HOLD, M_SCALE };
+static const char *mode_names[] = { "pipepp", "pvmr", "pvmw", "fioc", "version", "clock",
+				    "map8", "wait64", "cycle", "hold", "scale" };
 
 static enum mode mode;
 static long N = 50000;
 static int nclients = 1, use_threads, ngpus_map = 8, count = -1;
+static size_t pvm_bytes = 32;
+static char pvm_local[65536], pvm_remote[65536];
 static int cpus[64], ncpus, echo_cpu = -1;
 static const char *path;
 static char dir[4096];
@@ -86,6 +93,7 @@ struct kctx {
 	struct kfd_event_data ev[NEVENTS];
 	long iter;
 	int ppw, ppr; /* pipepp */
+	pid_t peer;   /* pipepp's echo process, pvm's target */
 };
 
 static uint64_t now_ns(void)
@@ -235,6 +243,17 @@ static void setup(struct kctx *k)
 		k->ppr = q[0];
 		return;
 	}
+	if (mode == M_PVMR || mode == M_PVMW) {
+		/* The target: a copy of this process (same addresses) that waits to be killed. */
+		k->peer = fork();
+		if (k->peer < 0)
+			die("fork");
+		if (k->peer == 0) {
+			for (;;)
+				pause();
+		}
+		return;
+	}
 	k->fd = open_kfd();
 	if (mode == M_FIOC || mode == M_VERSION)
 		return;
@@ -270,6 +289,11 @@ static void teardown(struct kctx *k)
 		wait(NULL);
 		return;
 	}
+	if (mode == M_PVMR || mode == M_PVMW) {
+		kill(k->peer, SIGKILL);
+		waitpid(k->peer, NULL, 0);
+		return;
+	}
 	if (mode == M_MAP8 && (k->iter & 1))
 		map_unmap(k->fd, AMDKFD_IOC_UNMAP_MEMORY_FROM_GPU, k->handle, k->gpus, ngpus_map);
 	close(k->fd);
@@ -286,6 +310,13 @@ static int op(struct kctx *k)
 		if (write(k->ppw, &c, 1) != 1)
 			return -1;
 		return read(k->ppr, &c, 1) == 1 ? 0 : -1;
+	}
+	case M_PVMR:
+	case M_PVMW: {
+		struct iovec l = { pvm_local, pvm_bytes }, r = { pvm_remote, pvm_bytes };
+		ssize_t n = mode == M_PVMR ? process_vm_readv(k->peer, &l, 1, &r, 1, 0)
+					   : process_vm_writev(k->peer, &l, 1, &r, 1, 0);
+		return n == (ssize_t)pvm_bytes ? 0 : -1;
 	}
 	case M_FIOC: {
 		size_t v;
@@ -466,7 +497,7 @@ int main(int argc, char **argv)
 {
 	int o;
 
-	while ((o = getopt(argc, argv, "n:t:Ta:b:c:g:")) != -1) {
+	while ((o = getopt(argc, argv, "n:t:Ta:b:c:g:s:")) != -1) {
 		switch (o) {
 		case 'n': N = atol(optarg); break;
 		case 't': nclients = atoi(optarg); break;
@@ -474,6 +505,7 @@ int main(int argc, char **argv)
 		case 'b': echo_cpu = atoi(optarg); break;
 		case 'c': count = atoi(optarg); break;
 		case 'g': ngpus_map = atoi(optarg); break;
+		case 's': pvm_bytes = strtoul(optarg, NULL, 0); break;
 		case 'a':
 			for (char *t = strtok(optarg, ","); t && ncpus < 64; t = strtok(NULL, ","))
 				cpus[ncpus++] = atoi(t);
@@ -481,8 +513,9 @@ int main(int argc, char **argv)
 		default: fprintf(stderr, "usage: see the comment at the top of kfdbench.c\n"); return 2;
 		}
 	}
-	if (optind >= argc || N <= 0 || nclients <= 0 || ngpus_map <= 0 || ngpus_map > MAXGPU) {
-		fprintf(stderr, "usage: kfdbench MODE [-n N] [-t C] [-T] [-a CPUS] [-b CPU] [-c COUNT] [PATH]\n");
+	if (optind >= argc || N <= 0 || nclients <= 0 || ngpus_map <= 0 || ngpus_map > MAXGPU ||
+	    pvm_bytes == 0 || pvm_bytes > sizeof(pvm_local)) {
+		fprintf(stderr, "usage: kfdbench MODE [-n N] [-t C] [-T] [-a CPUS] [-b CPU] [-c COUNT] [-s BYTES] [PATH]\n");
 		return 2;
 	}
 	int m = -1;
@@ -494,7 +527,7 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	mode = (enum mode)m;
-	if (mode != M_PIPEPP) {
+	if (mode != M_PIPEPP && mode != M_PVMR && mode != M_PVMW) {
 		if (optind + 1 >= argc) {
 			fprintf(stderr, "kfdbench: %s needs a PATH\n", mode_names[m]);
 			return 2;

@@ -231,7 +231,8 @@ pub struct GenerateOptions {
     /// Write the spec here (e.g. /etc/cdi/kfdmux.json; JSON is valid YAML) instead of stdout.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// The kfdmux executable the FUSE symlink hook runs (default: this executable).
+    /// The kfdmux executable the FUSE symlink hook runs (default: daemon.hook_binary, else
+    /// this executable).
     #[arg(long)]
     pub hook_binary: Option<PathBuf>,
 }
@@ -247,7 +248,8 @@ pub fn generate_command(o: &GenerateOptions) -> Result<i32, String> {
             return Ok(1);
         }
     };
-    let s = spec(&cfg, &HostFacts::probe(o.hook_binary.as_deref()));
+    let hook = o.hook_binary.as_deref().or(cfg.hook_binary.as_deref());
+    let s = spec(&cfg, &HostFacts::probe(hook));
     match &o.out {
         Some(p) => {
             write_spec(p, &s).map_err(|e| format!("{}: {e}", p.display()))?;

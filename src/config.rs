@@ -72,6 +72,9 @@ pub struct Config {
     pub preload_lib: PathBuf,
     /// Where the daemon writes the CDI spec when all instances serve (removed at exit).
     pub cdi_spec: Option<PathBuf>,
+    /// The kfdmux executable, as the host's container runtime sees it, that the spec's FUSE
+    /// hook runs (`None`: the daemon's own executable).
+    pub hook_binary: Option<PathBuf>,
     pub instances: Vec<Instance>,
 }
 
@@ -138,6 +141,7 @@ struct RawDaemon {
     threads: Option<Spanned<u32>>,
     preload_lib: Option<Spanned<String>>,
     cdi_spec: Option<Spanned<String>>,
+    hook_binary: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -363,6 +367,7 @@ fn check(path: &Path, raw: RawConfig, r: &mut Report) -> Option<Config> {
     let mut threads = None;
     let mut preload_lib = None;
     let mut cdi_spec = None;
+    let mut hook_binary = None;
     if let Some(d) = raw.daemon.map(Spanned::into_inner) {
         if let Some(v) = d.device {
             if v.get_ref() != "sim" {
@@ -407,6 +412,10 @@ fn check(path: &Path, raw: RawConfig, r: &mut Report) -> Option<Config> {
         if let Some(v) = d.cdi_spec {
             cdi_spec = abs_path(r, &v, "daemon: cdi_spec");
             ok &= cdi_spec.is_some();
+        }
+        if let Some(v) = d.hook_binary {
+            hook_binary = abs_path(r, &v, "daemon: hook_binary");
+            ok &= hook_binary.is_some();
         }
     }
     let preload_lib = preload_lib
@@ -502,6 +511,7 @@ fn check(path: &Path, raw: RawConfig, r: &mut Report) -> Option<Config> {
         threads,
         preload_lib,
         cdi_spec,
+        hook_binary,
         instances,
     })
 }

@@ -383,15 +383,31 @@ fn start_instance(
     let who = format!("instance '{}'", inst.name);
     let _ = std::fs::remove_dir_all(&inst.sysfs_dir);
     // SVM stays off for instances: the topology's capability bit and the sim agree.
-    crate::sysfs::write_topology(&inst.sysfs_dir, &inst.gpus, &Default::default())
-        .map_err(|e| format!("{who}: writing the topology into {}: {e}", inst.sysfs_dir.display()))?;
-    crate::sysfs::write_amdgpu_module(&inst.sysfs_dir.join("module/amdgpu"))
-        .map_err(|e| format!("{who}: writing {}/module/amdgpu: {e}", inst.sysfs_dir.display()))?;
-    let mut sim = SimConfig { svm: false, ..Default::default() };
+    crate::sysfs::write_topology(&inst.sysfs_dir, &inst.gpus, &Default::default()).map_err(
+        |e| {
+            format!(
+                "{who}: writing the topology into {}: {e}",
+                inst.sysfs_dir.display()
+            )
+        },
+    )?;
+    crate::sysfs::write_amdgpu_module(&inst.sysfs_dir.join("module/amdgpu")).map_err(|e| {
+        format!(
+            "{who}: writing {}/module/amdgpu: {e}",
+            inst.sysfs_dir.display()
+        )
+    })?;
+    let mut sim = SimConfig {
+        svm: false,
+        ..Default::default()
+    };
     if let Some(m) = cfg.kfd_minor {
         sim.kfd_minor = m;
     }
-    let header = inst.record.as_ref().map(|_| crate::trace::Header::for_sim(&inst.gpus_spec, &inst.gpus, &sim));
+    let header = inst
+        .record
+        .as_ref()
+        .map(|_| crate::trace::Header::for_sim(&inst.gpus_spec, &inst.gpus, &sim));
     let device: Arc<dyn Device> = SimDevice::new(inst.gpus.clone(), sim);
     let device = crate::policy::wrap(device, inst.policy.clone());
     let mux = Mux::new(device);
@@ -410,26 +426,35 @@ fn start_instance(
     match inst.transport {
         Transport::Fuse => {
             let fs = FuseFs::new(mux);
-            let (fd, early_dev) = mount::mount_fuse(&inst.mount).map_err(|e| format!("{who}: {e}"))?;
+            let (fd, early_dev) =
+                mount::mount_fuse(&inst.mount).map_err(|e| format!("{who}: {e}"))?;
             if early_dev != 0 {
                 fs.set_dev(early_dev);
             }
             let session = Session::new(fd, fs.clone(), Protocol::Fuse, true);
             fs.set_channel(session.chan.clone());
-            run.runners.push(std::thread::spawn(move || session.run(threads)));
+            run.runners
+                .push(std::thread::spawn(move || session.run(threads)));
             let dev = mount::mount_dev(&inst.mount);
             if let Some(d) = dev {
                 fs.set_dev(d);
             }
             run.fuse = Some((inst.mount.clone(), dev));
-            log::info!("{who}: serving {} on {}", inst.gpus_spec, inst.mount.display());
+            log::info!(
+                "{who}: serving {} on {}",
+                inst.gpus_spec,
+                inst.mount.display()
+            );
         }
         Transport::Cuse => {
             use crate::transport::cuse;
             let env = Arc::new(cuse::CuseEnv::default());
             let mut names = vec![(inst.devname.clone(), FileKind::Kfd)];
             for i in 0..mux.device.gpu_count() {
-                names.push((cuse::render_devname(&inst.devname, mux.device.render_minor(i)), FileKind::Render(i)));
+                names.push((
+                    cuse::render_devname(&inst.devname, mux.device.render_minor(i)),
+                    FileKind::Render(i),
+                ));
             }
             for (name, kind) in &names {
                 let fd = match cuse::open_cuse() {
@@ -439,7 +464,11 @@ fn start_instance(
                         return Err(format!("{who}: {e}"));
                     }
                 };
-                let fs = Arc::new(cuse::CuseFs { mux: mux.clone(), kind: *kind, env: env.clone() });
+                let fs = Arc::new(cuse::CuseFs {
+                    mux: mux.clone(),
+                    kind: *kind,
+                    env: env.clone(),
+                });
                 let session = Session::new_cuse(fd, fs, name);
                 let t = if *kind == FileKind::Kfd { threads } else { 2 };
                 run.runners.push(std::thread::spawn(move || session.run(t)));
@@ -447,7 +476,10 @@ fn start_instance(
             }
             if let Err(e) = crate::handover::spawn_server(&inst.handover_socket, mux.clone()) {
                 run.stop();
-                return Err(format!("{who}: hand-over socket {}: {e}", inst.handover_socket.display()));
+                return Err(format!(
+                    "{who}: hand-over socket {}: {e}",
+                    inst.handover_socket.display()
+                ));
             }
             run.handover = Some(inst.handover_socket.clone());
             for (name, kind) in &names {
@@ -459,12 +491,18 @@ fn start_instance(
                     }
                     if std::time::Instant::now() > deadline {
                         run.stop();
-                        return Err(format!("{who}: CUSE device {name} did not appear in /sys/class/cuse"));
+                        return Err(format!(
+                            "{who}: CUSE device {name} did not appear in /sys/class/cuse"
+                        ));
                     }
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
             }
-            log::info!("{who}: serving {} as /dev/{} over CUSE", inst.gpus_spec, inst.devname);
+            log::info!(
+                "{who}: serving {} as /dev/{} over CUSE",
+                inst.gpus_spec,
+                inst.devname
+            );
         }
     }
     Ok(run)
@@ -477,10 +515,14 @@ pub fn serve_config(path: &std::path::Path, opts: &ServeOptions) -> Result<(), S
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let cfg = crate::config::load(path).map_err(|errs| {
-        errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n")
+        errs.iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
     })?;
     let threads = cfg.threads.unwrap_or(opts.threads);
-    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| format!("{}: {e}", cfg.state_dir.display()))?;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .map_err(|e| format!("{}: {e}", cfg.state_dir.display()))?;
     let lsmod = cfg.lsmod_path();
     if let Some(d) = lsmod.parent() {
         std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
@@ -507,14 +549,18 @@ pub fn serve_config(path: &std::path::Path, opts: &ServeOptions) -> Result<(), S
         }
     }
     if let Some(p) = &cfg.cdi_spec {
-        let spec = crate::cdi::spec(&cfg, &crate::cdi::HostFacts::probe(None));
+        let spec = crate::cdi::spec(&cfg, &crate::cdi::HostFacts::probe(cfg.hook_binary.as_deref()));
         if let Err(e) = crate::cdi::write_spec(p, &spec) {
             for r in running {
                 r.stop();
             }
             return Err(format!("CDI spec {}: {e}", p.display()));
         }
-        log::info!("CDI spec for {} instance(s) in {}", cfg.instances.len(), p.display());
+        log::info!(
+            "CDI spec for {} instance(s) in {}",
+            cfg.instances.len(),
+            p.display()
+        );
     }
     for l in crate::config::describe(&cfg) {
         log::info!("{l}");

@@ -15,7 +15,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the daemon: serve kfd and render-node files backed by simulated GPUs until SIGTERM.
-    Serve(kfdmux::daemon::ServeOptions),
+    Serve(Box<kfdmux::daemon::ServeOptions>),
     /// Run a program (default: rocminfo) unmodified against kfdmux, in a private mount
     /// namespace where /dev/kfd, the render nodes and the sysfs topology are kfdmux's.
     Run(kfdmux::run::RunOptions),
@@ -30,7 +30,6 @@ enum Cmd {
     /// Re-issue a recorded trace against a device and compare errno and every output field;
     /// exits 0 when the replay matched, 1 when it did not.
     Replay(kfdmux::trace::replay::ReplayOptions),
-    /// Write the sysfs topology tree of a GPU list (what /sys/devices/virtual/kfd would hold).
     /// Check a daemon configuration file (`serve --config`): every mistake with its line.
     Config {
         #[command(subcommand)]
@@ -41,6 +40,7 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CdiCmd,
     },
+    /// Write the sysfs topology tree of a GPU list (what /sys/devices/virtual/kfd would hold).
     Topology {
         /// GPUs, e.g. `gfx90a:2,gfx1030` (presets: gfx90a, gfx942, gfx1030).
         #[arg(long)]

@@ -151,6 +151,7 @@ impl Mux {
     }
 
     /// A restricted ioctl (FUSE file): `in_data` is the struct the kernel copied in.
+    #[allow(clippy::too_many_arguments)]
     pub fn ioctl_restricted(&self, env: &dyn Env, pid: u32, fh: u64, cmd: u32, in_data: &[u8], out_size: u32, reply: IoctlReply) {
         self.counters.ioctls_total.fetch_add(1, Ordering::Relaxed);
         let (file, caller) = match self.caller_file(fh, pid) {

@@ -40,6 +40,14 @@ pub struct RunOptions {
     /// which `run` puts in LD_PRELOAD).
     #[arg(long, value_enum, default_value = "fuse")]
     pub transport: crate::daemon::Transport,
+    /// The device below the daemon kfdmux starts: the simulated KFD, or the kernel's KFD
+    /// forwarded (`kfd`; then CMD gets HSA_USERPTR_FOR_PAGED_MEM=0, because secondary
+    /// contexts refuse USERPTR — also set with --daemon when that daemon forwards /dev/kfd).
+    #[arg(long, value_enum, default_value = "sim")]
+    pub device: crate::daemon::DeviceKind,
+    /// With `--device kfd`: the KFD to forward (default /dev/kfd).
+    #[arg(long, value_name = "PATH")]
+    pub kfd_path: Option<PathBuf>,
     /// Run CMD as USER (a name, UID or UID:GID). Default: the user who ran sudo
     /// (SUDO_UID/SUDO_GID) when running as root through sudo, otherwise the current ids.
     #[arg(long, value_name = "USER")]
@@ -65,6 +73,8 @@ impl Default for RunOptions {
             gpus: "gfx90a:2".into(),
             daemon: None,
             transport: crate::daemon::Transport::Fuse,
+            device: crate::daemon::DeviceKind::Sim,
+            kfd_path: None,
             user: None,
             keep_env: false,
             cmd: vec!["rocminfo".into()],
@@ -699,9 +709,13 @@ impl DaemonChild {
         sysfs: &Path,
         log: &Path,
         cuse: Option<&CuseRun>,
+        kfd: Option<&Path>,
     ) -> Result<DaemonChild, String> {
         let mut cmd = Command::new(exe);
         cmd.arg("serve");
+        if let Some(path) = kfd {
+            cmd.arg("--device").arg("kfd").arg("--kfd-path").arg(path);
+        }
         match cuse {
             None => {
                 if !Path::new("/dev/fuse").exists() {
@@ -1129,6 +1143,13 @@ pub fn run_command(opts: &RunOptions) -> Result<i32, String> {
             exec.envp.push(to_c(&kv)?);
         }
     }
+    let kfd_path = (opts.device == crate::daemon::DeviceKind::Kfd)
+        .then(|| opts.kfd_path.clone().unwrap_or_else(|| PathBuf::from("/dev/kfd")));
+    if kfd_path.is_some() {
+        // Secondary kernel contexts refuse USERPTR: make ROCm allocate host memory as GTT.
+        exec.envp.retain(|e| !e.as_bytes().starts_with(b"HSA_USERPTR_FOR_PAGED_MEM="));
+        exec.envp.push(to_c(OsStr::new("HSA_USERPTR_FOR_PAGED_MEM=0"))?);
+    }
     let (mount, sysfs) = match &opts.daemon {
         Some(dir) => {
             let dir =
@@ -1167,6 +1188,7 @@ pub fn run_command(opts: &RunOptions) -> Result<i32, String> {
                 &sysfs,
                 &work.0.join("daemon.log"),
                 cuse.as_ref(),
+                kfd_path.as_deref(),
             )?);
             if let Some(c) = &cuse {
                 // The namespace links /dev/kfd and the render nodes to these: a directory of

@@ -4,10 +4,8 @@
 //! `scripts/fuzz` is fixed, then its input is copied into fuzz/regressions/<target>/ with a
 //! name saying what it found (docs/fuzzing.md).
 
-#[allow(dead_code)]
 #[path = "../fuzz/src/kernel.rs"]
 mod kernel;
-#[allow(dead_code)]
 #[path = "../fuzz/src/targets.rs"]
 mod targets;
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use kfdmux::abi::*;
-use zerocopy::{FromZeros, IntoBytes};
+use zerocopy::IntoBytes;
 
 struct Srv {
     child: Child,
@@ -134,10 +134,12 @@ fn rocminfo_through(upper: &Srv) {
         return;
     }
     let out = Command::new(kfdmux_bin())
-        .args(["run", "--daemon"])
+        .args(["run", "--device", "kfd", "--daemon"])
         .arg(&upper.mount)
         .args(["--", "rocminfo"])
-        .env("HSA_USERPTR_FOR_PAGED_MEM", "0")
+        // `run --device kfd` sets HSA_USERPTR_FOR_PAGED_MEM=0 itself (secondary contexts
+        // refuse USERPTR); make sure the test does not inherit it from elsewhere.
+        .env_remove("HSA_USERPTR_FOR_PAGED_MEM")
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -364,7 +366,7 @@ fn doorbell_write_reaches_hardware_and_offsets_stay_ours() {
         "mmap doorbell: {}",
         std::io::Error::last_os_error()
     );
-    let pattern: u64 = 0x5eed_d00b_e11_0000 | (std::process::id() as u64 & 0xffff);
+    let pattern: u64 = 0x05ee_dd00_be11_0000 | (std::process::id() as u64 & 0xffff);
     let t = Instant::now();
     // SAFETY: an aligned 8-byte store inside the 8 KiB mapping.
     unsafe {

@@ -88,7 +88,11 @@ enum Ans {
 impl Reply {
     fn ans(&self) -> Ans {
         if self.error != 0 {
-            assert_eq!((self.len, self.body.len()), (16, 0), "error replies are bare: {self:?}");
+            assert_eq!(
+                (self.len, self.body.len()),
+                (16, 0),
+                "error replies are bare: {self:?}"
+            );
             return Ans::Err(-self.error);
         }
         let (o, rest) = IoctlOut::read_from_prefix(&self.body).expect("IoctlOut");
@@ -106,7 +110,11 @@ impl Reply {
             let (i, o2) = all.split_at(o.in_iovs as usize);
             return Ans::Retry(i.to_vec(), o2.to_vec());
         }
-        assert_eq!((o.flags, o.in_iovs, o.out_iovs), (0, 0, 0), "final reply: {o:?}");
+        assert_eq!(
+            (o.flags, o.in_iovs, o.out_iovs),
+            (0, 0, 0),
+            "final reply: {o:?}"
+        );
         Ans::Done(o.result, rest.to_vec())
     }
 }
@@ -123,7 +131,11 @@ impl Stack {
         let gpus = kfdmux::topology::parse_gpus("gfx90a:2").expect("gpu spec");
         let gpu_ids = gpus.iter().map(|g| g.gpu_id).collect();
         let device = SimDevice::new(gpus, SimConfig::default());
-        Stack { mux: Mux::new(device), env: Arc::new(CuseEnv::default()), gpu_ids }
+        Stack {
+            mux: Mux::new(device),
+            env: Arc::new(CuseEnv::default()),
+            gpu_ids,
+        }
     }
 
     fn stats(&self) -> HashMap<String, u64> {
@@ -150,12 +162,21 @@ struct Kernel {
 impl Kernel {
     fn start(stack: &Stack, kind: FileKind, devname: &str) -> Kernel {
         let (ours, theirs) = seqpacket_pair();
-        let fs = Arc::new(CuseFs { mux: stack.mux.clone(), kind, env: stack.env.clone() });
+        let fs = Arc::new(CuseFs {
+            mux: stack.mux.clone(),
+            kind,
+            env: stack.env.clone(),
+        });
         let session = Session::new_cuse(theirs, fs, devname);
         let runner = std::thread::spawn(move || {
             let _ = session.run(2);
         });
-        Kernel { fd: ours, runner: Some(runner), stash: Vec::new(), next_unique: 2 }
+        Kernel {
+            fd: ours,
+            runner: Some(runner),
+            stash: Vec::new(),
+            next_unique: 2,
+        }
     }
 
     /// Started and past a CUSE_INIT from a 7.38 kernel (Linux 6.1).
@@ -169,9 +190,19 @@ impl Kernel {
     fn send_raw(&self, msg: &[u8]) {
         // SAFETY: writing our own buffer to our own socket.
         let n = unsafe {
-            libc::send(self.fd.as_raw_fd(), msg.as_ptr() as *const _, msg.len(), libc::MSG_NOSIGNAL)
+            libc::send(
+                self.fd.as_raw_fd(),
+                msg.as_ptr() as *const _,
+                msg.len(),
+                libc::MSG_NOSIGNAL,
+            )
         };
-        assert_eq!(n, msg.len() as isize, "send: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            n,
+            msg.len() as isize,
+            "send: {}",
+            std::io::Error::last_os_error()
+        );
     }
 
     fn send(&mut self, opcode: u32, nodeid: u64, pid: u32, body: &[u8]) -> u64 {
@@ -182,7 +213,11 @@ impl Kernel {
     }
 
     fn recv_any(&self, timeout: Duration) -> Option<Reply> {
-        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd.
         if unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) } <= 0 {
             return None;
@@ -190,15 +225,29 @@ impl Kernel {
         let mut buf = vec![0u8; 256 * 1024];
         // SAFETY: receiving into our own buffer.
         let n = unsafe {
-            libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr() as *mut _, buf.len(), libc::MSG_DONTWAIT)
+            libc::recv(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut _,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
         };
         if n <= 0 {
             return None;
         }
         buf.truncate(n as usize);
         let (h, body) = OutHeader::read_from_prefix(&buf).expect("out header");
-        assert_eq!(h.len as usize, buf.len(), "out header length = message length");
-        Some(Reply { len: h.len, error: h.error, unique: h.unique, body: body.to_vec() })
+        assert_eq!(
+            h.len as usize,
+            buf.len(),
+            "out header length = message length"
+        );
+        Some(Reply {
+            len: h.len,
+            error: h.error,
+            unique: h.unique,
+            body: body.to_vec(),
+        })
     }
 
     fn reply(&mut self, unique: u64) -> Reply {
@@ -224,7 +273,11 @@ impl Kernel {
     }
 
     fn expect_silence(&mut self, d: Duration) {
-        assert!(self.stash.is_empty(), "unexpected replies: {:?}", self.stash);
+        assert!(
+            self.stash.is_empty(),
+            "unexpected replies: {:?}",
+            self.stash
+        );
         if let Some(r) = self.recv_any(d) {
             panic!("expected no reply, got {r:?}");
         }
@@ -232,7 +285,16 @@ impl Kernel {
 
     /// CUSE opens carry nodeid 0 (cuse_open → fuse_do_open(fm, 0, ...)).
     fn open(&mut self, pid: u32) -> Result<OpenOut, i32> {
-        let r = self.call(FUSE_OPEN, 0, pid, OpenIn { flags: libc::O_RDWR as u32, open_flags: 0 }.as_bytes());
+        let r = self.call(
+            FUSE_OPEN,
+            0,
+            pid,
+            OpenIn {
+                flags: libc::O_RDWR as u32,
+                open_flags: 0,
+            }
+            .as_bytes(),
+        );
         if r.error != 0 {
             return Err(r.error);
         }
@@ -241,14 +303,36 @@ impl Kernel {
     }
 
     fn release(&mut self, fh: u64) -> Reply {
-        let body = ReleaseIn { fh, flags: libc::O_RDWR as u32, release_flags: 0, lock_owner: 0 };
+        let body = ReleaseIn {
+            fh,
+            flags: libc::O_RDWR as u32,
+            release_flags: 0,
+            lock_owner: 0,
+        };
         self.call(FUSE_RELEASE, 0, my_pid(), body.as_bytes())
     }
 
     /// Sends one ioctl round as fuse_do_ioctl does: in_size = the gathered data, out_size = the
     /// sum of the out iovecs (0 in round 1).
-    fn send_round(&mut self, fh: u64, pid: u32, flags: u32, cmd: u32, arg: u64, data: &[u8], out_size: u32) -> u64 {
-        let io = IoctlIn { fh, flags, cmd, arg, in_size: data.len() as u32, out_size };
+    #[allow(clippy::too_many_arguments)]
+    fn send_round(
+        &mut self,
+        fh: u64,
+        pid: u32,
+        flags: u32,
+        cmd: u32,
+        arg: u64,
+        data: &[u8],
+        out_size: u32,
+    ) -> u64 {
+        let io = IoctlIn {
+            fh,
+            flags,
+            cmd,
+            arg,
+            in_size: data.len() as u32,
+            out_size,
+        };
         let mut body = io.as_bytes().to_vec();
         body.extend_from_slice(data);
         self.send(FUSE_IOCTL, 0, pid, &body)
@@ -291,14 +375,24 @@ fn request(opcode: u32, unique: u64, nodeid: u64, pid: u32, body: &[u8]) -> Vec<
 
 /// What cuse_send_init sends: the kernel's version and CUSE_UNRESTRICTED_IOCTL.
 fn cuse_init_in(major: u32, minor: u32) -> CuseInitIn {
-    CuseInitIn { major, minor, unused: 0, flags: CUSE_UNRESTRICTED_IOCTL }
+    CuseInitIn {
+        major,
+        minor,
+        unused: 0,
+        flags: CUSE_UNRESTRICTED_IOCTL,
+    }
 }
 
 /// The exact bytes of a RETRY reply body.
 fn retry_body(ins: &[IoctlIovec], outs: &[IoctlIovec]) -> Vec<u8> {
-    let mut b = IoctlOut { result: 0, flags: FUSE_IOCTL_RETRY, in_iovs: ins.len() as u32, out_iovs: outs.len() as u32 }
-        .as_bytes()
-        .to_vec();
+    let mut b = IoctlOut {
+        result: 0,
+        flags: FUSE_IOCTL_RETRY,
+        in_iovs: ins.len() as u32,
+        out_iovs: outs.len() as u32,
+    }
+    .as_bytes()
+    .to_vec();
     b.extend_from_slice(ins.as_bytes());
     b.extend_from_slice(outs.as_bytes());
     b
@@ -318,9 +412,23 @@ fn flat<T: IntoBytes + Immutable>(k: &mut Kernel, fh: u64, cmd: u32, arg: &T) ->
     let size = ((cmd >> 16) & 0x3fff) as u64;
     let writes = cmd >> 30 & 2 != 0;
     let s = iov(ARG, size);
-    let want_out: &[IoctlIovec] = if writes { std::slice::from_ref(&s) } else { &[] };
-    assert_eq!(k.round(fh, cmd, ARG, &[], 0), Ans::Retry(vec![s], want_out.to_vec()), "round 1 of {cmd:#x}");
-    k.round(fh, cmd, ARG, &arg.as_bytes()[..size as usize], out_size(want_out))
+    let want_out: &[IoctlIovec] = if writes {
+        std::slice::from_ref(&s)
+    } else {
+        &[]
+    };
+    assert_eq!(
+        k.round(fh, cmd, ARG, &[], 0),
+        Ans::Retry(vec![s], want_out.to_vec()),
+        "round 1 of {cmd:#x}"
+    );
+    k.round(
+        fh,
+        cmd,
+        ARG,
+        &arg.as_bytes()[..size as usize],
+        out_size(want_out),
+    )
 }
 
 fn apertures(stack: &Stack, gi: usize) -> KfdProcessDeviceApertures {
@@ -345,17 +453,49 @@ fn cuse_init_exact_reply_and_devname() {
     let stack = Stack::new();
     let mut k = Kernel::start(&stack, FileKind::Kfd, DEVNAME);
     // Nothing before INIT.
-    let r = k.call(FUSE_OPEN, 0, my_pid(), OpenIn { flags: 2, open_flags: 0 }.as_bytes());
+    let r = k.call(
+        FUSE_OPEN,
+        0,
+        my_pid(),
+        OpenIn {
+            flags: 2,
+            open_flags: 0,
+        }
+        .as_bytes(),
+    );
     assert_eq!((r.error, r.len), (-libc::EIO, 16));
     // FUSE_INIT on a CUSE channel is the wrong protocol.
-    let mut fuse_init = InitIn { major: 7, minor: 38, max_readahead: 0, flags: 0 }.as_bytes().to_vec();
-    fuse_init.extend_from_slice(InitInExt { flags2: 0, unused: [0; 11] }.as_bytes());
+    let mut fuse_init = InitIn {
+        major: 7,
+        minor: 38,
+        max_readahead: 0,
+        flags: 0,
+    }
+    .as_bytes()
+    .to_vec();
+    fuse_init.extend_from_slice(
+        InitInExt {
+            flags2: 0,
+            unused: [0; 11],
+        }
+        .as_bytes(),
+    );
     let r = k.call(FUSE_INIT, 0, my_pid(), &fuse_init);
     assert_eq!((r.error, r.len), (-libc::EPROTO, 16));
     // Truncated and too-old CUSE_INITs.
-    let r = k.call(CUSE_INIT, 0, my_pid(), &cuse_init_in(7, 38).as_bytes()[..12]);
+    let r = k.call(
+        CUSE_INIT,
+        0,
+        my_pid(),
+        &cuse_init_in(7, 38).as_bytes()[..12],
+    );
     assert_eq!((r.error, r.len), (-libc::EINVAL, 16));
-    let r = k.call(CUSE_INIT, 0, my_pid(), cuse_init_in(7, FUSE_MIN_MINOR - 1).as_bytes());
+    let r = k.call(
+        CUSE_INIT,
+        0,
+        my_pid(),
+        cuse_init_in(7, FUSE_MIN_MINOR - 1).as_bytes(),
+    );
     assert_eq!((r.error, r.len), (-libc::EPROTO, 16));
 
     // A 7.38 kernel (Linux 6.1) gets its own minor back.
@@ -372,16 +512,26 @@ fn cuse_init_exact_reply_and_devname() {
         spare: [0; 10],
     };
     assert_eq!(r.error, 0);
-    assert_eq!(r.body, cat(&[want.as_bytes(), b"DEVNAME=kfdmux/kfd\0"]), "CUSE_INIT reply");
+    assert_eq!(
+        r.body,
+        cat(&[want.as_bytes(), b"DEVNAME=kfdmux/kfd\0"]),
+        "CUSE_INIT reply"
+    );
     assert_eq!(r.len as usize, 16 + 72 + 19);
     drop(k);
 
     // A newer kernel is answered with our newest minor (41).
     let mut k = Kernel::start(&stack, FileKind::Render(0), &render_devname(DEVNAME, 128));
     let r = k.call(CUSE_INIT, 0, my_pid(), cuse_init_in(7, 45).as_bytes());
-    let want = CuseInitOut { minor: FUSE_KERNEL_MINOR_VERSION, ..want };
+    let want = CuseInitOut {
+        minor: FUSE_KERNEL_MINOR_VERSION,
+        ..want
+    };
     assert_eq!(FUSE_KERNEL_MINOR_VERSION, 41);
-    assert_eq!(r.body, cat(&[want.as_bytes(), b"DEVNAME=kfdmux/dri/renderD128\0"]));
+    assert_eq!(
+        r.body,
+        cat(&[want.as_bytes(), b"DEVNAME=kfdmux/dri/renderD128\0"])
+    );
 }
 
 #[test]
@@ -396,14 +546,25 @@ fn open_gives_a_context_and_release_frees_it() {
     assert_eq!(stack.stats()["contexts"], 2);
     // An ioctl from another process is refused in its first round already.
     let other = Other::spawn();
-    let u = k.send_round(o.fh, other.pid(), UNRESTRICTED, AMDKFD_IOC_GET_VERSION, ARG, &[], 0);
+    let u = k.send_round(
+        o.fh,
+        other.pid(),
+        UNRESTRICTED,
+        AMDKFD_IOC_GET_VERSION,
+        ARG,
+        &[],
+        0,
+    );
     assert_eq!(k.reply(u).ans(), Ans::Err(libc::EBADF));
 
     let r = k.release(o.fh);
     assert_eq!((r.error, r.len), (0, 16));
     let s = stack.stats();
     assert_eq!((s["contexts"], s["releases_total"]), (1, 1));
-    assert_eq!(k.round(o.fh, AMDKFD_IOC_GET_VERSION, ARG, &[], 0), Ans::Err(libc::EBADF));
+    assert_eq!(
+        k.round(o.fh, AMDKFD_IOC_GET_VERSION, ARG, &[], 0),
+        Ans::Err(libc::EBADF)
+    );
     k.release(o2.fh);
     assert_eq!(stack.stats()["contexts"], 0);
 }
@@ -419,14 +580,33 @@ fn get_version_takes_two_rounds() {
     // GET_VERSION is _IOR. The in iovec is how the daemon tells the final round from the first
     // (in_size 8 instead of 0); for the kernel it is one copy_from_user of memory the caller
     // must have writable anyway.
-    let u = k.send_round(fh, my_pid(), UNRESTRICTED, AMDKFD_IOC_GET_VERSION, ARG, &[], 0);
+    let u = k.send_round(
+        fh,
+        my_pid(),
+        UNRESTRICTED,
+        AMDKFD_IOC_GET_VERSION,
+        ARG,
+        &[],
+        0,
+    );
     let r = k.reply(u);
     assert_eq!(r.body, retry_body(&[iov(ARG, 8)], &[iov(ARG, 8)]));
     assert_eq!(r.len, 16 + 16 + 32);
     // Round 2 with whatever the client's memory held: the final reply is the 8 bytes.
-    let u = k.send_round(fh, my_pid(), UNRESTRICTED, AMDKFD_IOC_GET_VERSION, ARG, &[0xa5; 8], 8);
+    let u = k.send_round(
+        fh,
+        my_pid(),
+        UNRESTRICTED,
+        AMDKFD_IOC_GET_VERSION,
+        ARG,
+        &[0xa5; 8],
+        8,
+    );
     let r = k.reply(u);
-    let v = KfdIoctlGetVersionArgs { major_version: 1, minor_version: SimConfig::default().kfd_minor };
+    let v = KfdIoctlGetVersionArgs {
+        major_version: 1,
+        minor_version: SimConfig::default().kfd_minor,
+    };
     assert_eq!(r.ans(), Ans::Done(0, v.as_bytes().to_vec()));
     assert_eq!(r.len, 16 + 16 + 8);
 }
@@ -441,7 +621,9 @@ fn ior_struct_reaches_the_device_zeroed_as_kfd_does() {
     let cmd = AMDKFD_IOC_GET_PROCESS_APERTURES;
     let s = iov(ARG, 400);
     assert_eq!(k.round(fh, cmd, ARG, &[], 0), Ans::Retry(vec![s], vec![s]));
-    let Ans::Done(0, out) = k.round(fh, cmd, ARG, &[0xa5; 400], 400) else { panic!("final round") };
+    let Ans::Done(0, out) = k.round(fh, cmd, ARG, &[0xa5; 400], 400) else {
+        panic!("final round")
+    };
     let mut want = KfdIoctlGetProcessAperturesArgs::new_zeroed();
     want.process_apertures[0] = apertures(&stack, 0);
     want.process_apertures[1] = apertures(&stack, 1);
@@ -458,24 +640,43 @@ fn get_process_apertures_new_takes_three_rounds() {
     let fh = k.open(my_pid()).expect("OPEN").fh;
     let cmd = AMDKFD_IOC_GET_PROCESS_APERTURES_NEW;
     let s = iov(ARG, 16);
-    let args = |n: u32| KfdIoctlGetProcessAperturesNewArgs { kfd_process_device_apertures_ptr: ARR, num_of_nodes: n, pad: 0 };
+    let args = |n: u32| KfdIoctlGetProcessAperturesNewArgs {
+        kfd_process_device_apertures_ptr: ARR,
+        num_of_nodes: n,
+        pad: 0,
+    };
 
     // num_of_nodes 0 asks for the count: no array, so two rounds.
-    assert_eq!(flat(&mut k, fh, cmd, &args(0)), Ans::Done(0, args(2).as_bytes().to_vec()));
+    assert_eq!(
+        flat(&mut k, fh, cmd, &args(0)),
+        Ans::Done(0, args(2).as_bytes().to_vec())
+    );
 
     // Two nodes: round 2 asks for the struct (in) and struct + array (out); the array is Out,
     // so it is not fetched.
     assert_eq!(k.round(fh, cmd, ARG, &[], 0), Ans::Retry(vec![s], vec![s]));
     let r2 = k.round(fh, cmd, ARG, args(2).as_bytes(), 16);
     assert_eq!(r2, Ans::Retry(vec![s], vec![s, iov(ARR, 112)]));
-    let want = cat(&[args(2).as_bytes(), apertures(&stack, 0).as_bytes(), apertures(&stack, 1).as_bytes()]);
-    assert_eq!(k.round(fh, cmd, ARG, args(2).as_bytes(), 16 + 112), Ans::Done(0, want.clone()));
+    let want = cat(&[
+        args(2).as_bytes(),
+        apertures(&stack, 0).as_bytes(),
+        apertures(&stack, 1).as_bytes(),
+    ]);
+    assert_eq!(
+        k.round(fh, cmd, ARG, args(2).as_bytes(), 16 + 112),
+        Ans::Done(0, want.clone())
+    );
 
     // Room for four: only the two filled entries are sent, so the kernel leaves the other two
     // untouched (it copies `transferred` bytes and no more).
     assert_eq!(k.round(fh, cmd, ARG, &[], 0), Ans::Retry(vec![s], vec![s]));
-    assert_eq!(k.round(fh, cmd, ARG, args(4).as_bytes(), 16), Ans::Retry(vec![s], vec![s, iov(ARR, 224)]));
-    let Ans::Done(0, out) = k.round(fh, cmd, ARG, args(4).as_bytes(), 16 + 224) else { panic!() };
+    assert_eq!(
+        k.round(fh, cmd, ARG, args(4).as_bytes(), 16),
+        Ans::Retry(vec![s], vec![s, iov(ARR, 224)])
+    );
+    let Ans::Done(0, out) = k.round(fh, cmd, ARG, args(4).as_bytes(), 16 + 224) else {
+        panic!()
+    };
     assert_eq!(out[..16], *args(2).as_bytes(), "num_of_nodes says 2");
     assert_eq!(out[16..], want[16..], "exactly the two entries");
 }
@@ -498,12 +699,24 @@ fn drm_version_scatters_three_out_arrays_in_iovec_order() {
         desc: ARR3,
     };
     let s = iov(ARG, 64);
-    assert_eq!(k.round(fh, DRM_IOCTL_VERSION, ARG, &[], 0), Ans::Retry(vec![s], vec![s]));
+    assert_eq!(
+        k.round(fh, DRM_IOCTL_VERSION, ARG, &[], 0),
+        Ans::Retry(vec![s], vec![s])
+    );
     let outs = vec![s, iov(ARR, 16), iov(ARR2, 16), iov(ARR3, 16)];
-    assert_eq!(k.round(fh, DRM_IOCTL_VERSION, ARG, v.as_bytes(), 64), Ans::Retry(vec![s], outs.clone()));
-    let Ans::Done(0, out) = k.round(fh, DRM_IOCTL_VERSION, ARG, v.as_bytes(), out_size(&outs)) else { panic!() };
+    assert_eq!(
+        k.round(fh, DRM_IOCTL_VERSION, ARG, v.as_bytes(), 64),
+        Ans::Retry(vec![s], outs.clone())
+    );
+    let Ans::Done(0, out) = k.round(fh, DRM_IOCTL_VERSION, ARG, v.as_bytes(), out_size(&outs))
+    else {
+        panic!()
+    };
     let got = DrmVersion::read_from_bytes(&out[..64]).expect("drm_version");
-    assert_eq!((got.version_major, got.name_len, got.date_len, got.desc_len), (3, 6, 8, 7));
+    assert_eq!(
+        (got.version_major, got.name_len, got.date_len, got.desc_len),
+        (3, 6, 8, 7)
+    );
     let field = |i: usize| &out[64 + 16 * i..64 + 16 * (i + 1)];
     // Each string starts at its own iovec (the shorter names are padded, not packed).
     assert_eq!(&field(0)[..6], b"amdgpu");
@@ -521,19 +734,40 @@ fn map_memory_to_gpu_fetches_its_in_array_and_rechecks_changed_structs() {
     // stand in as GPU 0's and GPU 1's render nodes. Only the rdev lookup is faked.
     let null = File::open("/dev/null").expect("/dev/null");
     let zero = File::open("/dev/zero").expect("/dev/zero");
-    stack.env.add(null.metadata().expect("stat").rdev(), FileKind::Render(0));
-    stack.env.add(zero.metadata().expect("stat").rdev(), FileKind::Render(1));
+    stack
+        .env
+        .add(null.metadata().expect("stat").rdev(), FileKind::Render(0));
+    stack
+        .env
+        .add(zero.metadata().expect("stat").rdev(), FileKind::Render(1));
     let regular = File::open("/proc/self/exe").expect("a regular file");
     let mut k = Kernel::ready(&stack, FileKind::Kfd, DEVNAME);
     let fh = k.open(my_pid()).expect("OPEN").fh;
     let (g0, g1) = (stack.gpu_ids[0], stack.gpu_ids[1]);
-    let acquire = |fd: &File, gpu_id| KfdIoctlAcquireVmArgs { drm_fd: fd.as_raw_fd() as u32, gpu_id };
+    let acquire = |fd: &File, gpu_id| KfdIoctlAcquireVmArgs {
+        drm_fd: fd.as_raw_fd() as u32,
+        gpu_id,
+    };
 
     // _IOW: round 1 asks the struct in only; the final reply carries no data.
-    assert_eq!(flat(&mut k, fh, AMDKFD_IOC_ACQUIRE_VM, &acquire(&regular, g0)), Ans::Err(libc::EINVAL), "not a render node");
-    assert_eq!(flat(&mut k, fh, AMDKFD_IOC_ACQUIRE_VM, &acquire(&null, g1)), Ans::Err(libc::EINVAL), "GPU 0's node for GPU 1");
-    assert_eq!(flat(&mut k, fh, AMDKFD_IOC_ACQUIRE_VM, &acquire(&null, g0)), Ans::Done(0, vec![]));
-    assert_eq!(flat(&mut k, fh, AMDKFD_IOC_ACQUIRE_VM, &acquire(&zero, g1)), Ans::Done(0, vec![]));
+    assert_eq!(
+        flat(&mut k, fh, AMDKFD_IOC_ACQUIRE_VM, &acquire(&regular, g0)),
+        Ans::Err(libc::EINVAL),
+        "not a render node"
+    );
+    assert_eq!(
+        flat(&mut k, fh, AMDKFD_IOC_ACQUIRE_VM, &acquire(&null, g1)),
+        Ans::Err(libc::EINVAL),
+        "GPU 0's node for GPU 1"
+    );
+    assert_eq!(
+        flat(&mut k, fh, AMDKFD_IOC_ACQUIRE_VM, &acquire(&null, g0)),
+        Ans::Done(0, vec![])
+    );
+    assert_eq!(
+        flat(&mut k, fh, AMDKFD_IOC_ACQUIRE_VM, &acquire(&zero, g1)),
+        Ans::Done(0, vec![])
+    );
 
     let alloc = KfdIoctlAllocMemoryOfGpuArgs {
         va_addr: 0x1_0000_0000,
@@ -543,32 +777,56 @@ fn map_memory_to_gpu_fetches_its_in_array_and_rechecks_changed_structs() {
         gpu_id: g0,
         flags: KFD_IOC_ALLOC_MEM_FLAGS_VRAM | KFD_IOC_ALLOC_MEM_FLAGS_WRITABLE,
     };
-    let Ans::Done(0, out) = flat(&mut k, fh, AMDKFD_IOC_ALLOC_MEMORY_OF_GPU, &alloc) else { panic!("ALLOC") };
-    let handle = KfdIoctlAllocMemoryOfGpuArgs::read_from_bytes(&out).expect("args").handle;
+    let Ans::Done(0, out) = flat(&mut k, fh, AMDKFD_IOC_ALLOC_MEMORY_OF_GPU, &alloc) else {
+        panic!("ALLOC")
+    };
+    let handle = KfdIoctlAllocMemoryOfGpuArgs::read_from_bytes(&out)
+        .expect("args")
+        .handle;
     assert_eq!(handle >> 32, g0 as u64, "the handle names its GPU");
 
     let cmd = AMDKFD_IOC_MAP_MEMORY_TO_GPU;
     let s = iov(ARG, 24);
-    let map = |n: u32, done: u32| KfdIoctlMapMemoryToGpuArgs { handle, device_ids_array_ptr: ARR, n_devices: n, n_success: done };
+    let map = |n: u32, done: u32| KfdIoctlMapMemoryToGpuArgs {
+        handle,
+        device_ids_array_ptr: ARR,
+        n_devices: n,
+        n_success: done,
+    };
     let ids = |v: &[u32]| v.iter().flat_map(|i| i.to_le_bytes()).collect::<Vec<u8>>();
 
     // 1. The client changes n_devices from 1 to 2 between rounds 2 and 3: the kernel re-sends
     //    the new struct with the old iovecs; the daemon asks again with the new ones.
     assert_eq!(k.round(fh, cmd, ARG, &[], 0), Ans::Retry(vec![s], vec![s]));
-    assert_eq!(k.round(fh, cmd, ARG, map(1, 0).as_bytes(), 24), Ans::Retry(vec![s, iov(ARR, 4)], vec![s]));
+    assert_eq!(
+        k.round(fh, cmd, ARG, map(1, 0).as_bytes(), 24),
+        Ans::Retry(vec![s, iov(ARR, 4)], vec![s])
+    );
     let stale = cat(&[map(2, 0).as_bytes(), &ids(&[g0])]);
-    assert_eq!(k.round(fh, cmd, ARG, &stale, 24), Ans::Retry(vec![s, iov(ARR, 8)], vec![s]));
+    assert_eq!(
+        k.round(fh, cmd, ARG, &stale, 24),
+        Ans::Retry(vec![s, iov(ARR, 8)], vec![s])
+    );
     assert_eq!(stack.stats()["buffers"], 1);
     // The consistent round runs, with both ids from the In array.
     let fin = cat(&[map(2, 0).as_bytes(), &ids(&[g0, g1])]);
-    assert_eq!(k.round(fh, cmd, ARG, &fin, 24), Ans::Done(0, map(2, 2).as_bytes().to_vec()));
+    assert_eq!(
+        k.round(fh, cmd, ARG, &fin, 24),
+        Ans::Done(0, map(2, 2).as_bytes().to_vec())
+    );
 
     // 2. The ids really come from the array: an unknown GPU id is the kernel's EINVAL, and the
     //    struct is still copied out (n_success 0) as KFD copies it whatever the handler returned.
     assert_eq!(k.round(fh, cmd, ARG, &[], 0), Ans::Retry(vec![s], vec![s]));
-    assert_eq!(k.round(fh, cmd, ARG, map(1, 0).as_bytes(), 24), Ans::Retry(vec![s, iov(ARR, 4)], vec![s]));
+    assert_eq!(
+        k.round(fh, cmd, ARG, map(1, 0).as_bytes(), 24),
+        Ans::Retry(vec![s, iov(ARR, 4)], vec![s])
+    );
     let bad = cat(&[map(1, 0).as_bytes(), &ids(&[0xdead])]);
-    assert_eq!(k.round(fh, cmd, ARG, &bad, 24), Ans::Done(-libc::EINVAL, map(1, 0).as_bytes().to_vec()));
+    assert_eq!(
+        k.round(fh, cmd, ARG, &bad, 24),
+        Ans::Done(-libc::EINVAL, map(1, 0).as_bytes().to_vec())
+    );
 
     // 3. A client that changes its struct every round gets MAX_ROUNDS array rounds, then EINVAL.
     assert_eq!(k.round(fh, cmd, ARG, &[], 0), Ans::Retry(vec![s], vec![s]));
@@ -581,7 +839,10 @@ fn map_memory_to_gpu_fetches_its_in_array_and_rechecks_changed_structs() {
                 assert_eq!(o, vec![s]);
                 // Gather what was asked, then flip the count: never consistent.
                 let asked = (i[1].len / 4) as u32;
-                data = cat(&[map(3 - asked, 0).as_bytes(), &ids(&vec![g0; asked as usize])]);
+                data = cat(&[
+                    map(3 - asked, 0).as_bytes(),
+                    &ids(&vec![g0; asked as usize]),
+                ]);
             }
             other => break other,
         }
@@ -589,8 +850,14 @@ fn map_memory_to_gpu_fetches_its_in_array_and_rechecks_changed_structs() {
     assert_eq!((retries, refused), (MAX_ROUNDS, Ans::Err(libc::EINVAL)));
     // The refusal forgot the pending rounds: the same ioctl, played straight, works again.
     assert_eq!(k.round(fh, cmd, ARG, &[], 0), Ans::Retry(vec![s], vec![s]));
-    assert_eq!(k.round(fh, cmd, ARG, map(2, 0).as_bytes(), 24), Ans::Retry(vec![s, iov(ARR, 8)], vec![s]));
-    assert_eq!(k.round(fh, cmd, ARG, &fin, 24), Ans::Done(0, map(2, 2).as_bytes().to_vec()));
+    assert_eq!(
+        k.round(fh, cmd, ARG, map(2, 0).as_bytes(), 24),
+        Ans::Retry(vec![s, iov(ARR, 8)], vec![s])
+    );
+    assert_eq!(
+        k.round(fh, cmd, ARG, &fin, 24),
+        Ans::Done(0, map(2, 2).as_bytes().to_vec())
+    );
 }
 
 // ---- limits and refusals ------------------------------------------------------------------------
@@ -605,12 +872,22 @@ fn create_signal_event(k: &mut Kernel, fh: u64) -> u32 {
         event_id: 0,
         event_slot_index: 0,
     };
-    let Ans::Done(0, out) = flat(k, fh, AMDKFD_IOC_CREATE_EVENT, &a) else { panic!("CREATE_EVENT") };
-    KfdIoctlCreateEventArgs::read_from_bytes(&out).expect("args").event_id
+    let Ans::Done(0, out) = flat(k, fh, AMDKFD_IOC_CREATE_EVENT, &a) else {
+        panic!("CREATE_EVENT")
+    };
+    KfdIoctlCreateEventArgs::read_from_bytes(&out)
+        .expect("args")
+        .event_id
 }
 
 fn wait_args(n: u32, timeout: u32) -> KfdIoctlWaitEventsArgs {
-    KfdIoctlWaitEventsArgs { events_ptr: ARR, num_events: n, wait_for_all: 0, timeout, wait_result: 0 }
+    KfdIoctlWaitEventsArgs {
+        events_ptr: ARR,
+        num_events: n,
+        wait_for_all: 0,
+        timeout,
+        wait_result: 0,
+    }
 }
 
 fn events(ids: impl Iterator<Item = u32>) -> Vec<u8> {
@@ -635,15 +912,29 @@ fn cuse_limits_are_e2big_and_the_schema_bound_einval() {
     assert_eq!(max, 2730);
     let arr = iov(ARR, max as u64 * 48);
     assert_eq!(k.round(fh, cmd, ARG, &[], 0), Ans::Retry(vec![s], vec![s]));
-    assert_eq!(k.round(fh, cmd, ARG, wait_args(max, 0).as_bytes(), 24), Ans::Retry(vec![s, arr], vec![s, arr]));
+    assert_eq!(
+        k.round(fh, cmd, ARG, wait_args(max, 0).as_bytes(), 24),
+        Ans::Retry(vec![s, arr], vec![s, arr])
+    );
     // It runs (the event is signaled; waiting on it 2730 times is waiting on it once).
-    let sig = KfdIoctlSetEventArgs { event_id: ev, pad: 0 };
-    assert_eq!(flat(&mut k, fh, AMDKFD_IOC_SET_EVENT, &sig), Ans::Done(0, vec![]));
+    let sig = KfdIoctlSetEventArgs {
+        event_id: ev,
+        pad: 0,
+    };
+    assert_eq!(
+        flat(&mut k, fh, AMDKFD_IOC_SET_EVENT, &sig),
+        Ans::Done(0, vec![])
+    );
     let evs = events(std::iter::repeat_n(ev, max as usize));
     let fin = cat(&[wait_args(max, 0).as_bytes(), &evs]);
-    let Ans::Done(0, out) = k.round(fh, cmd, ARG, &fin, 24 + arr.len as u32) else { panic!("full-size round") };
+    let Ans::Done(0, out) = k.round(fh, cmd, ARG, &fin, 24 + arr.len as u32) else {
+        panic!("full-size round")
+    };
     assert_eq!(out.len(), 24 + arr.len as usize);
-    assert!(out[24..] == evs[..], "the event array goes back as it came (signal events)");
+    assert!(
+        out[24..] == evs[..],
+        "the event array goes back as it came (signal events)"
+    );
     let w = KfdIoctlWaitEventsArgs::read_from_bytes(&out[..24]).expect("args");
     assert_eq!(w.wait_result, 0, "KFD_IOC_WAIT_RESULT_COMPLETE");
 
@@ -651,25 +942,49 @@ fn cuse_limits_are_e2big_and_the_schema_bound_einval() {
     // after the RETRY; the daemon refuses first, with a log line).
     for n in [max + 1, (marshal_max() / EVENT_DATA) as u32] {
         assert_eq!(k.round(fh, cmd, ARG, &[], 0), Ans::Retry(vec![s], vec![s]));
-        assert_eq!(k.round(fh, cmd, ARG, wait_args(n, 0).as_bytes(), 24), Ans::Err(libc::E2BIG), "{n} events");
+        assert_eq!(
+            k.round(fh, cmd, ARG, wait_args(n, 0).as_bytes(), 24),
+            Ans::Err(libc::E2BIG),
+            "{n} events"
+        );
     }
     // Beyond the schema's bound on any one array (marshal::MAX_ARRAY_BYTES, 1 MiB) the count is
     // refused as garbage before CUSE's limits are considered: EINVAL.
     for n in [(marshal_max() / EVENT_DATA) as u32 + 1, u32::MAX] {
         assert_eq!(k.round(fh, cmd, ARG, &[], 0), Ans::Retry(vec![s], vec![s]));
-        assert_eq!(k.round(fh, cmd, ARG, wait_args(n, 0).as_bytes(), 24), Ans::Err(libc::EINVAL), "{n} events");
+        assert_eq!(
+            k.round(fh, cmd, ARG, wait_args(n, 0).as_bytes(), 24),
+            Ans::Err(libc::EINVAL),
+            "{n} events"
+        );
     }
     // A null array with a count is EFAULT, as copy_from_user of NULL.
-    let null = KfdIoctlWaitEventsArgs { events_ptr: 0, ..wait_args(1, 0) };
-    assert_eq!(k.round(fh, cmd, ARG, null.as_bytes(), 24), Ans::Err(libc::EFAULT));
+    let null = KfdIoctlWaitEventsArgs {
+        events_ptr: 0,
+        ..wait_args(1, 0)
+    };
+    assert_eq!(
+        k.round(fh, cmd, ARG, null.as_bytes(), 24),
+        Ans::Err(libc::EFAULT)
+    );
 
     // The out direction has the same limit: apertures for 2340 nodes fit (16 + 2340 × 56 =
     // 131056), 2341 do not.
-    let ap = |n: u32| KfdIoctlGetProcessAperturesNewArgs { kfd_process_device_apertures_ptr: ARR, num_of_nodes: n, pad: 0 };
+    let ap = |n: u32| KfdIoctlGetProcessAperturesNewArgs {
+        kfd_process_device_apertures_ptr: ARR,
+        num_of_nodes: n,
+        pad: 0,
+    };
     let cmd = AMDKFD_IOC_GET_PROCESS_APERTURES_NEW;
     let s16 = iov(ARG, 16);
-    assert_eq!(k.round(fh, cmd, ARG, ap(2340).as_bytes(), 16), Ans::Retry(vec![s16], vec![s16, iov(ARR, 2340 * 56)]));
-    assert_eq!(k.round(fh, cmd, ARG, ap(2341).as_bytes(), 16), Ans::Err(libc::E2BIG));
+    assert_eq!(
+        k.round(fh, cmd, ARG, ap(2340).as_bytes(), 16),
+        Ans::Retry(vec![s16], vec![s16, iov(ARR, 2340 * 56)])
+    );
+    assert_eq!(
+        k.round(fh, cmd, ARG, ap(2341).as_bytes(), 16),
+        Ans::Err(libc::E2BIG)
+    );
 }
 
 fn marshal_max() -> usize {
@@ -691,8 +1006,20 @@ fn compat_ioctls_are_refused_with_eperm() {
         assert_eq!(k.reply(u).ans(), Ans::Err(libc::EPERM), "flags {flags:#x}");
     }
     // Unknown ioctls are ENOTTY before any retry; a KFD ioctl on a render node too.
-    assert_eq!(k.round(fh, kfdmux::abi::table::ioc(3, b'K' as u32, 0x7f, 8), ARG, &[], 0), Ans::Err(libc::ENOTTY));
-    assert_eq!(k.round(fh, DRM_IOCTL_VERSION, ARG, &[], 0), Ans::Err(libc::ENOTTY));
+    assert_eq!(
+        k.round(
+            fh,
+            kfdmux::abi::table::ioc(3, b'K' as u32, 0x7f, 8),
+            ARG,
+            &[],
+            0
+        ),
+        Ans::Err(libc::ENOTTY)
+    );
+    assert_eq!(
+        k.round(fh, DRM_IOCTL_VERSION, ARG, &[], 0),
+        Ans::Err(libc::ENOTTY)
+    );
 }
 
 #[test]
@@ -701,17 +1028,35 @@ fn handover_token_is_one_out_round() {
     let mut k = Kernel::ready(&stack, FileKind::Kfd, DEVNAME);
     let fh = k.open(my_pid()).expect("OPEN").fh;
     // Round 1: no in iovec at all, one out iovec for the token.
-    let u = k.send_round(fh, my_pid(), UNRESTRICTED, KFDMUX_IOC_HANDOVER_TOKEN, ARG, &[], 0);
+    let u = k.send_round(
+        fh,
+        my_pid(),
+        UNRESTRICTED,
+        KFDMUX_IOC_HANDOVER_TOKEN,
+        ARG,
+        &[],
+        0,
+    );
     let r = k.reply(u);
     assert_eq!(r.body, retry_body(&[], &[iov(ARG, 8)]));
     // Round 2 (in_size 0, out_size 8): the token, bound to this process, usable once.
-    let Ans::Done(0, out) = k.round(fh, KFDMUX_IOC_HANDOVER_TOKEN, ARG, &[], 8) else { panic!("token round") };
+    let Ans::Done(0, out) = k.round(fh, KFDMUX_IOC_HANDOVER_TOKEN, ARG, &[], 8) else {
+        panic!("token round")
+    };
     let token = u64::from_le_bytes(out.as_slice().try_into().expect("8 bytes"));
     assert_eq!(stack.mux.tokens.redeem(token), Some(my_pid()));
     assert_eq!(stack.mux.tokens.redeem(token), None, "one-time");
     // Another process gets no token for this file.
     let other = Other::spawn();
-    let u = k.send_round(fh, other.pid(), UNRESTRICTED, KFDMUX_IOC_HANDOVER_TOKEN, ARG, &[], 8);
+    let u = k.send_round(
+        fh,
+        other.pid(),
+        UNRESTRICTED,
+        KFDMUX_IOC_HANDOVER_TOKEN,
+        ARG,
+        &[],
+        8,
+    );
     assert_eq!(k.reply(u).ans(), Ans::Err(libc::EBADF));
 }
 
@@ -722,10 +1067,24 @@ fn send_parked_wait(k: &mut Kernel, fh: u64, ev: u32) -> (u64, Vec<u8>) {
     let s = iov(ARG, 24);
     let a = iov(ARR, 48);
     let w = wait_args(1, KFD_EVENT_TIMEOUT_INFINITE);
-    assert_eq!(k.round(fh, AMDKFD_IOC_WAIT_EVENTS, ARG, &[], 0), Ans::Retry(vec![s], vec![s]));
-    assert_eq!(k.round(fh, AMDKFD_IOC_WAIT_EVENTS, ARG, w.as_bytes(), 24), Ans::Retry(vec![s, a], vec![s, a]));
+    assert_eq!(
+        k.round(fh, AMDKFD_IOC_WAIT_EVENTS, ARG, &[], 0),
+        Ans::Retry(vec![s], vec![s])
+    );
+    assert_eq!(
+        k.round(fh, AMDKFD_IOC_WAIT_EVENTS, ARG, w.as_bytes(), 24),
+        Ans::Retry(vec![s, a], vec![s, a])
+    );
     let fin = cat(&[w.as_bytes(), &events([ev].into_iter())]);
-    let u = k.send_round(fh, my_pid(), UNRESTRICTED, AMDKFD_IOC_WAIT_EVENTS, ARG, &fin, 72);
+    let u = k.send_round(
+        fh,
+        my_pid(),
+        UNRESTRICTED,
+        AMDKFD_IOC_WAIT_EVENTS,
+        ARG,
+        &fin,
+        72,
+    );
     (u, w.as_bytes().to_vec())
 }
 
@@ -739,15 +1098,27 @@ fn interrupt_of_a_parked_wait_is_eintr_and_release_answers_the_rest() {
     k.expect_silence(Duration::from_millis(200));
     assert_eq!(stack.stats()["waiters"], 1);
     // Parking holds no worker: a flat ioctl is answered meanwhile.
-    assert!(matches!(flat(&mut k, fh, AMDKFD_IOC_GET_VERSION, &[0u8; 8]), Ans::Done(0, _)));
+    assert!(matches!(
+        flat(&mut k, fh, AMDKFD_IOC_GET_VERSION, &[0u8; 8]),
+        Ans::Done(0, _)
+    ));
 
     // FUSE_INTERRUPT (unique = target | 1) → the wait ends with -EINTR; its struct is copied out
     // (KFD copies the struct whatever the handler returned); the interrupt gets no reply.
-    k.send_raw(&request(FUSE_INTERRUPT, w1 | 1, 0, my_pid(), InterruptIn { unique: w1 }.as_bytes()));
+    k.send_raw(&request(
+        FUSE_INTERRUPT,
+        w1 | 1,
+        0,
+        my_pid(),
+        InterruptIn { unique: w1 }.as_bytes(),
+    ));
     // wait_result is KFD_IOC_WAIT_RESULT_FAIL (2), as kfd_wait_on_events leaves it on error.
     let mut want = KfdIoctlWaitEventsArgs::read_from_bytes(&args).expect("args");
     want.wait_result = 2;
-    assert_eq!(k.reply(w1).ans(), Ans::Done(-libc::EINTR, want.as_bytes().to_vec()));
+    assert_eq!(
+        k.reply(w1).ans(),
+        Ans::Done(-libc::EINTR, want.as_bytes().to_vec())
+    );
     k.expect_silence(Duration::from_millis(100));
     assert_eq!(stack.stats()["waiters"], 0);
 
@@ -761,7 +1132,16 @@ fn interrupt_of_a_parked_wait_is_eintr_and_release_answers_the_rest() {
         other => panic!("parked wait at release: {other:?}"),
     }
     let s = stack.stats();
-    assert_eq!((s["contexts"], s["events"], s["waiters"], s["releases_total"]), (0, 0, 0, 1), "{s:?}");
+    assert_eq!(
+        (
+            s["contexts"],
+            s["events"],
+            s["waiters"],
+            s["releases_total"]
+        ),
+        (0, 0, 0, 1),
+        "{s:?}"
+    );
 }
 
 /// A process that is not us: requests carrying its pid must be refused.
@@ -769,7 +1149,13 @@ struct Other(Child);
 
 impl Other {
     fn spawn() -> Other {
-        Other(Command::new("sleep").arg("60").stdin(Stdio::null()).spawn().expect("spawn sleep"))
+        Other(
+            Command::new("sleep")
+                .arg("60")
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("spawn sleep"),
+        )
     }
     fn pid(&self) -> u32 {
         self.0.id()

@@ -328,7 +328,10 @@ impl Cmp<'_> {
             }
             return;
         };
-        if r.len() != l.len() {
+        // The device may write fewer elements than the buffer holds (the kernel writes
+        // `num_of_nodes` apertures); through a transport the rest of the replay's buffer is
+        // simply untouched, so only what the recording holds is compared.
+        if l.len() < r.len() {
             self.out.push((
                 format!("{field}[]"),
                 format!("{} bytes", r.len()),
@@ -336,6 +339,7 @@ impl Cmp<'_> {
             ));
             return;
         }
+        let l = &l[..r.len()];
         let es = p.elem_size.max(1);
         for (i, (rc, lc)) in r.chunks(es).zip(l.chunks(es)).enumerate() {
             match p.elem {
@@ -387,6 +391,8 @@ struct Completion {
 
 trait Backend {
     fn gpu_ids(&self) -> Vec<u32>;
+    /// The process id the live device sees for the recorded caller `tgid`.
+    fn live_tgid(&self, tgid: u32) -> u32;
     fn open(&mut self, ctx: u64, caller: Caller, kind: FileKind) -> Result<(), Errno>;
     fn release(&mut self, ctx: u64);
     fn issue(&mut self, ctx: u64, call: LiveCall, tx: Sender<Completion>);
@@ -441,8 +447,8 @@ impl Env for ReplayEnv<'_> {
             return Err(Errno::EBADF);
         };
         let want = match f.target {
-            FdTarget::Kfd { tgid } => (FileKind::Kfd, tgid),
-            FdTarget::Render { index, tgid } => (FileKind::Render(index), tgid),
+            FdTarget::Kfd { tgid } => (FileKind::Kfd, unreal_pid(tgid)),
+            FdTarget::Render { index, tgid } => (FileKind::Render(index), unreal_pid(tgid)),
             FdTarget::Other => return Ok(None),
             FdTarget::Bad(e) => return Err(Errno(e)),
         };
@@ -492,17 +498,91 @@ fn build_call(kind: FileKind, c: &LiveCall) -> Result<IoctlCall, Errno> {
     })
 }
 
+/// Anonymous mappings of the replay process standing in for the recorded process's USERPTR
+/// memory: an ALLOC_MEMORY_OF_GPU with the USERPTR flag names a CPU address (`mmap_offset`)
+/// that the device checks is mapped in the caller (EFAULT otherwise).
+#[derive(Default)]
+struct Userptrs(Vec<(usize, usize)>);
+
+impl Userptrs {
+    fn rewrite(&mut self, kind: FileKind, cmd: u32, arg: &mut [u8]) {
+        if kind != FileKind::Kfd
+            || crate::abi::table::ioc_nr(cmd) != crate::abi::KFD_NR_ALLOC_MEMORY_OF_GPU
+        {
+            return;
+        }
+        let sd = &crate::abi::S_KFD_IOCTL_ALLOC_MEMORY_OF_GPU_ARGS;
+        let flags = sd.get(arg, "flags").unwrap_or(0);
+        let size = sd.get(arg, "size").unwrap_or(0) as usize;
+        if flags & crate::abi::KFD_IOC_ALLOC_MEM_FLAGS_USERPTR as u64 == 0
+            || size == 0
+            || size > 1 << 40
+        {
+            return;
+        }
+        // SAFETY: a fresh private anonymous mapping; MAP_NORESERVE keeps large ones cheap.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            log::warn!("replay: no memory for a {size}-byte USERPTR range");
+            return;
+        }
+        self.0.push((p as usize, size));
+        sd.set(arg, "mmap_offset", p as u64);
+    }
+}
+
+impl Drop for Userptrs {
+    fn drop(&mut self) {
+        for (addr, len) in self.0.drain(..) {
+            // SAFETY: a mapping made by `rewrite`; the devices that were told about it are gone.
+            unsafe { libc::munmap(addr as *mut libc::c_void, len) };
+        }
+    }
+}
+
 struct DirectBackend {
     device: Arc<SimDevice>,
+    userptrs: Userptrs,
     ctxs: HashMap<u64, (Box<dyn DeviceContext>, FileKind, u32)>,
     live: HashMap<(FileKind, u32), usize>,
+}
+
+/// A process id no live process can have (above the kernel's `pid_max` limit of 2^22): the
+/// recorded processes stay distinct for the device (it keys per-process state by tgid) without
+/// being mistaken for whatever process has a recorded pid now.
+fn unreal_pid(pid: u32) -> u32 {
+    pid | 1 << 30
+}
+
+/// The direct replay's caller: the recorded process (as an unreal tgid) on a thread whose
+/// address space is the replay's own, where the device looks up USERPTR ranges
+/// (`/proc/<pid>/maps`) and where [`Userptrs`] put them.
+fn unreal(c: Caller) -> Caller {
+    Caller {
+        pid: std::process::id(),
+        tgid: unreal_pid(c.tgid),
+        ..c
+    }
 }
 
 impl Backend for DirectBackend {
     fn gpu_ids(&self) -> Vec<u32> {
         self.device.gpus().iter().map(|g| g.gpu_id).collect()
     }
+    fn live_tgid(&self, tgid: u32) -> u32 {
+        unreal_pid(tgid)
+    }
     fn open(&mut self, ctx: u64, caller: Caller, kind: FileKind) -> Result<(), Errno> {
+        let caller = unreal(caller);
         let c = self.device.open(&caller, kind)?;
         self.ctxs.insert(ctx, (c, kind, caller.tgid));
         *self.live.entry((kind, caller.tgid)).or_default() += 1;
@@ -528,7 +608,9 @@ impl Backend for DirectBackend {
             return;
         };
         match build_call(*kind, &c) {
-            Ok(call) => {
+            Ok(mut call) => {
+                call.caller = unreal(call.caller);
+                self.userptrs.rewrite(*kind, call.cmd, &mut call.arg);
                 let env = ReplayEnv {
                     fds: &c.fds,
                     live: &self.live,
@@ -565,6 +647,7 @@ struct FuseBackend {
     /// recorded context → (fd, kind, recorded opener tgid)
     files: HashMap<u64, (Arc<OwnedFd>, FileKind, u32)>,
     devnull: Option<OwnedFd>,
+    userptrs: Userptrs,
 }
 
 impl FuseBackend {
@@ -603,6 +686,7 @@ impl FuseBackend {
             dev,
             files: HashMap::new(),
             devnull,
+            userptrs: Userptrs::default(),
         })
     }
 
@@ -637,6 +721,9 @@ impl FuseBackend {
 impl Backend for FuseBackend {
     fn gpu_ids(&self) -> Vec<u32> {
         self.device.gpus().iter().map(|g| g.gpu_id).collect()
+    }
+    fn live_tgid(&self, _tgid: u32) -> u32 {
+        std::process::id()
     }
     fn open(&mut self, ctx: u64, caller: Caller, kind: FileKind) -> Result<(), Errno> {
         let name = match kind {
@@ -695,13 +782,6 @@ impl Backend for FuseBackend {
                     write_uint(&mut arg, f.offset, f.size, data.as_mut_ptr() as u64);
                 }
             }
-            for f in sd.fields.iter().filter(|f| is_pid_field(f) && f.io.is_in()) {
-                let v = read_uint(&arg, f.offset, f.size);
-                if v == c.caller.pid as u64 || v == c.caller.tgid as u64 {
-                    // SAFETY: getpid has no preconditions.
-                    write_uint(&mut arg, f.offset, f.size, unsafe { libc::getpid() } as u64);
-                }
-            }
             for f in &c.fds {
                 if let Some(fd_field) = sd.field(&f.field) {
                     write_uint(
@@ -713,6 +793,7 @@ impl Backend for FuseBackend {
                 }
             }
         }
+        self.userptrs.rewrite(kind, c.cmd, &mut arg);
         let (seq, cmd) = (c.seq, c.cmd);
         // A thread per call: a blocking WAIT_EVENTS must not hold up the calls that wake it.
         std::thread::spawn(move || {
@@ -1028,6 +1109,25 @@ impl<'a> Replayer<'a> {
                         }
                     }
                 }
+                if let Some(sd) = variant.and_then(|v| v.arg) {
+                    // Fields naming the caller's process name the live caller's.
+                    let len = arg.len();
+                    for f in sd
+                        .fields
+                        .iter()
+                        .filter(|f| is_pid_field(f) && f.io.is_in() && f.offset + f.size <= len)
+                    {
+                        let v = read_uint(&arg, f.offset, f.size);
+                        if v == r.pid as u64 || v == r.tgid as u64 {
+                            write_uint(
+                                &mut arg,
+                                f.offset,
+                                f.size,
+                                self.backend.live_tgid(r.tgid) as u64,
+                            );
+                        }
+                    }
+                }
                 let (_, uid, gid) = self.owners.get(&r.ctx).copied().unwrap_or((r.tgid, 0, 0));
                 let call = LiveCall {
                     seq: r.seq,
@@ -1083,6 +1183,7 @@ pub fn replay_trace(t: &Trace, o: &ReplayOptions) -> Result<Report, String> {
     let backend: Box<dyn Backend> = match o.via {
         Via::Direct => Box::new(DirectBackend {
             device,
+            userptrs: Userptrs::default(),
             ctxs: HashMap::new(),
             live: HashMap::new(),
         }),

@@ -351,11 +351,7 @@ impl Session {
     }
 
     fn init(&self, req: &Request, body: &[u8]) {
-        let ok = match (req.opcode, self.proto) {
-            (FUSE_INIT, Protocol::Fuse) => true,
-            (CUSE_INIT, Protocol::Cuse) => true,
-            _ => false,
-        };
+        let ok = matches!((req.opcode, self.proto), (FUSE_INIT, Protocol::Fuse) | (CUSE_INIT, Protocol::Cuse));
         if !ok {
             log::warn!("INIT opcode {} does not match this channel ({:?})", req.opcode, self.proto);
             return self.chan.send_error(req.unique, Errno::EPROTO);

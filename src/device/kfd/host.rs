@@ -79,8 +79,11 @@ fn send_frame(sock: RawFd, payload: &[u8], fds: &[RawFd]) -> Result<(), Errno> {
     Ok(())
 }
 
+/// A frame's payload and the fds that came with it.
+type Frame = (Vec<u8>, Vec<OwnedFd>);
+
 /// One frame; None at EOF.
-fn recv_frame(sock: RawFd) -> Result<Option<(Vec<u8>, Vec<OwnedFd>)>, Errno> {
+fn recv_frame(sock: RawFd) -> Result<Option<Frame>, Errno> {
     let mut hdr = [0u8; 4];
     let mut got = 0;
     let mut fds = Vec::new();
@@ -386,16 +389,16 @@ impl Drop for HostOwner {
 fn drop_privileges(uid: u32, gid: u32) -> Result<(), String> {
     // SAFETY: plain syscalls with integer arguments.
     unsafe {
-        if libc::geteuid() == 0 && uid != 0 {
-            if libc::setgroups(0, std::ptr::null()) != 0
+        if libc::geteuid() == 0
+            && uid != 0
+            && (libc::setgroups(0, std::ptr::null()) != 0
                 || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0
-            {
-                return Err(format!(
-                    "dropping to uid {uid} gid {gid}: {}",
-                    Errno::last()
-                ));
-            }
+                || libc::setuid(uid) != 0)
+        {
+            return Err(format!(
+                "dropping to uid {uid} gid {gid}: {}",
+                Errno::last()
+            ));
         }
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
             return Err(format!("PR_SET_NO_NEW_PRIVS: {}", Errno::last()));

@@ -81,11 +81,11 @@ impl DeviceContext for RenderCtx {
 /// `drm_copy_field`: copies at most the caller's length (no NUL), reports the full length.
 fn copy_field(call: &mut IoctlCall, field: &str, cap: u64, value: &str) -> u64 {
     let n = (cap as usize).min(value.len());
-    if n > 0 {
-        if let Some(buf) = call.array_mut(field) {
-            let k = n.min(buf.len());
-            buf[..k].copy_from_slice(&value.as_bytes()[..k]);
-        }
+    if let Some(buf) = call.array_mut(field) {
+        let k = n.min(buf.len());
+        buf[..k].copy_from_slice(&value.as_bytes()[..k]);
+        // Like drm_copy_field: only the string's bytes reach the caller's buffer.
+        buf.truncate(k);
     }
     value.len() as u64
 }
