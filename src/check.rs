@@ -44,7 +44,11 @@ fn open(path: &str) -> Result<Fd, String> {
 }
 
 /// One ioctl with a typed argument; the errno on failure.
-fn ioctl<T: IntoBytes + FromBytes + Immutable>(fd: &Fd, cmd: u32, arg: &mut T) -> Result<(), Errno> {
+fn ioctl<T: IntoBytes + FromBytes + Immutable>(
+    fd: &Fd,
+    cmd: u32,
+    arg: &mut T,
+) -> Result<(), Errno> {
     // SAFETY: `arg` is a live, writable struct of the size `cmd` encodes (callers pair them).
     let r = unsafe { libc::ioctl(fd.0, cmd as _, arg as *mut T) };
     if r < 0 {
@@ -64,7 +68,8 @@ fn gpu_ids(fd: &Fd) -> Result<Vec<u32>, String> {
     let mut a = KfdIoctlGetProcessAperturesNewArgs::new_zeroed();
     a.kfd_process_device_apertures_ptr = ap.as_mut_ptr() as u64;
     a.num_of_nodes = ap.len() as u32;
-    ioctl(fd, AMDKFD_IOC_GET_PROCESS_APERTURES_NEW, &mut a).map_err(|e| format!("apertures: {e}"))?;
+    ioctl(fd, AMDKFD_IOC_GET_PROCESS_APERTURES_NEW, &mut a)
+        .map_err(|e| format!("apertures: {e}"))?;
     let n = (a.num_of_nodes as usize).min(ap.len());
     if n == 0 {
         return Err("apertures: no GPUs".into());
@@ -121,7 +126,10 @@ fn render_path(o: &CheckOptions) -> String {
     if let Some(r) = &o.render {
         return r.clone();
     }
-    let dir = std::path::Path::new(&o.kfd).parent().map(|p| p.to_path_buf()).unwrap_or_default();
+    let dir = std::path::Path::new(&o.kfd)
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_default();
     let beside = dir.join("renderD128");
     if beside.exists() {
         return beside.to_string_lossy().into_owned();
@@ -139,7 +147,11 @@ fn acquire_vm(o: &CheckOptions, fd: &Fd, gpu: u32) -> Result<Fd, String> {
     Ok(r)
 }
 
-fn expect_errno<T: std::fmt::Debug>(r: Result<T, Errno>, want: Errno, what: &str) -> Result<(), String> {
+fn expect_errno<T: std::fmt::Debug>(
+    r: Result<T, Errno>,
+    want: Errno,
+    what: &str,
+) -> Result<(), String> {
     match r {
         Err(e) if e == want => Ok(()),
         other => Err(format!("{what}: expected {want:?}, got {other:?}")),
@@ -161,7 +173,11 @@ fn case_contexts_per_open(o: &CheckOptions) -> Result<(), String> {
     let id = create_signal_event(&a)?;
     set_event(&a, id).map_err(|e| format!("SET_EVENT on its own context: {e}"))?;
     // An event of context A does not exist in context B.
-    expect_errno(set_event(&b, id), Errno::EINVAL, "SET_EVENT of another open's event")
+    expect_errno(
+        set_event(&b, id),
+        Errno::EINVAL,
+        "SET_EVENT of another open's event",
+    )
 }
 
 fn case_fork_ebadf(o: &CheckOptions) -> Result<(), String> {
@@ -176,7 +192,11 @@ fn case_fork_ebadf(o: &CheckOptions) -> Result<(), String> {
         let mut v = KfdIoctlGetVersionArgs::new_zeroed();
         // SAFETY: valid struct for GET_VERSION.
         let r = unsafe { libc::ioctl(fd.0, AMDKFD_IOC_GET_VERSION as _, &mut v as *mut _) };
-        let code = if r < 0 && Errno::last() == Errno::EBADF { 0 } else { 1 };
+        let code = if r < 0 && Errno::last() == Errno::EBADF {
+            0
+        } else {
+            1
+        };
         // SAFETY: leave the child without running the parent's destructors.
         unsafe { libc::_exit(code) };
     }
@@ -194,7 +214,11 @@ fn case_fork_ebadf(o: &CheckOptions) -> Result<(), String> {
 fn case_pointer_ioctls(o: &CheckOptions) -> Result<(), String> {
     let fd = open(&o.kfd)?;
     let gpus = gpu_ids(&fd)?;
-    expect_errno(alloc_vram(&fd, gpus[0], 1 << 32, 1 << 20), Errno::ENODEV, "alloc before ACQUIRE_VM")?;
+    expect_errno(
+        alloc_vram(&fd, gpus[0], 1 << 32, 1 << 20),
+        Errno::ENODEV,
+        "alloc before ACQUIRE_VM",
+    )?;
     let _render = acquire_vm(o, &fd, gpus[0])?;
     let h = alloc_vram(&fd, gpus[0], 1 << 32, 1 << 20).map_err(|e| format!("alloc VRAM: {e}"))?;
     // Map to [our GPU, a GPU that does not exist]: one success, then EINVAL.
@@ -218,7 +242,11 @@ fn case_pointer_ioctls(o: &CheckOptions) -> Result<(), String> {
     let mut bad = KfdIoctlGetProcessAperturesNewArgs::new_zeroed();
     bad.kfd_process_device_apertures_ptr = 8;
     bad.num_of_nodes = 1;
-    expect_errno(ioctl(&fd, AMDKFD_IOC_GET_PROCESS_APERTURES_NEW, &mut bad), Errno::EFAULT, "apertures into a bad pointer")
+    expect_errno(
+        ioctl(&fd, AMDKFD_IOC_GET_PROCESS_APERTURES_NEW, &mut bad),
+        Errno::EFAULT,
+        "apertures into a bad pointer",
+    )
 }
 
 fn case_wait_set(o: &CheckOptions) -> Result<(), String> {
@@ -251,9 +279,16 @@ fn case_wait_timeout(o: &CheckOptions) -> Result<(), String> {
         return Err(format!("wait_result {r}, expected TIMEOUT"));
     }
     if t.elapsed() < Duration::from_millis(40) {
-        return Err(format!("timed out after {:?}, before the 50 ms timeout", t.elapsed()));
+        return Err(format!(
+            "timed out after {:?}, before the 50 ms timeout",
+            t.elapsed()
+        ));
     }
-    expect_errno(wait_one(&fd, 0xffff, 0), Errno::EINVAL, "WAIT on an unknown event")
+    expect_errno(
+        wait_one(&fd, 0xffff, 0),
+        Errno::EINVAL,
+        "WAIT on an unknown event",
+    )
 }
 
 extern "C" fn on_usr1(_: libc::c_int) {}
@@ -302,10 +337,12 @@ fn case_release_on_close(o: &CheckOptions) -> Result<(), String> {
         alloc_vram(&fd, gpu, 1 << 33, size).map_err(|e| format!("alloc: {e}"))?;
         let during = available(&watcher, gpu)?;
         if before.saturating_sub(during) < size {
-            return Err(format!("AVAILABLE_MEMORY {before} → {during} after a {size}-byte alloc elsewhere"));
+            return Err(format!(
+                "AVAILABLE_MEMORY {before} → {during} after a {size}-byte alloc elsewhere"
+            ));
         }
     } // close without FREE
-    // RELEASE is sent when the last reference goes; give it a moment.
+      // RELEASE is sent when the last reference goes; give it a moment.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let now = available(&watcher, gpu)?;

@@ -93,7 +93,11 @@ pub struct ServeOptions {
     #[arg(long, value_name = "DIR")]
     pub kfd_render_dir: Option<PathBuf>,
     /// The kernel's kfd sysfs directory holding `topology/` (`--device kfd`).
-    #[arg(long, value_name = "DIR", default_value = "/sys/devices/virtual/kfd/kfd")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/sys/devices/virtual/kfd/kfd"
+    )]
     pub kfd_sysfs: PathBuf,
     /// GPUs the kfd device gives out, by index among the host's GPU nodes (e.g. `0,2`; default all).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
@@ -122,9 +126,21 @@ impl ServeOptions {
     pub fn policy(&self) -> Result<crate::policy::Policy, String> {
         use crate::policy::{parse_ids, Policy, Quotas};
         Ok(Policy {
-            allow_users: self.allow_users.as_deref().map(|l| parse_ids(l, false)).transpose()?,
-            allow_groups: self.allow_groups.as_deref().map(|l| parse_ids(l, true)).transpose()?,
-            quotas: Quotas { mem_bytes: self.quota_mem, queues: self.quota_queues, events: self.quota_events },
+            allow_users: self
+                .allow_users
+                .as_deref()
+                .map(|l| parse_ids(l, false))
+                .transpose()?,
+            allow_groups: self
+                .allow_groups
+                .as_deref()
+                .map(|l| parse_ids(l, true))
+                .transpose()?,
+            quotas: Quotas {
+                mem_bytes: self.quota_mem,
+                queues: self.quota_queues,
+                events: self.quota_events,
+            },
             max_contexts_per_uid: self.max_contexts_per_uid,
         })
     }
@@ -184,22 +200,36 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         return serve_config(path, opts);
     }
     if let Some(spec) = &opts.context_host {
-        return crate::device::kfd::host::run(spec, &opts.kfd_path, std::time::Duration::from_micros(opts.doorbell_poll_us));
+        return crate::device::kfd::host::run(
+            spec,
+            &opts.kfd_path,
+            std::time::Duration::from_micros(opts.doorbell_poll_us),
+        );
     }
     if opts.device == DeviceKind::Kfd {
         return serve_kfd(opts);
     }
     let gpus = crate::topology::parse_gpus(&opts.gpus)?;
-    let cfg = SimConfig { kfd_minor: opts.kfd_minor, svm: opts.svm, ..Default::default() };
+    let cfg = SimConfig {
+        kfd_minor: opts.kfd_minor,
+        svm: opts.svm,
+        ..Default::default()
+    };
     if let Some(sdir) = opts.sysfs_dir() {
         let _ = std::fs::remove_dir_all(&sdir);
-        let topo = crate::sysfs::TopologyOptions { svm_capability: cfg.svm, ..Default::default() };
+        let topo = crate::sysfs::TopologyOptions {
+            svm_capability: cfg.svm,
+            ..Default::default()
+        };
         crate::sysfs::write_topology(&sdir, &gpus, &topo)
             .map_err(|e| format!("writing the topology into {}: {e}", sdir.display()))?;
         crate::sysfs::write_amdgpu_module(&sdir.join("module/amdgpu"))
             .map_err(|e| format!("writing {}/module/amdgpu: {e}", sdir.display()))?;
     }
-    let header = opts.record.as_ref().map(|_| crate::trace::Header::for_sim(&opts.gpus, &gpus, &cfg));
+    let header = opts
+        .record
+        .as_ref()
+        .map(|_| crate::trace::Header::for_sim(&opts.gpus, &gpus, &cfg));
     let device: Arc<dyn Device> = SimDevice::new(gpus, cfg);
     let device = crate::device::kernelmode::KernelModeDevice::wrap(device, opts.kernel_mode);
     let device = crate::policy::wrap(device, opts.policy()?);
@@ -222,7 +252,10 @@ fn serve_kfd(opts: &ServeOptions) -> Result<(), String> {
     use crate::device::kfd::{KfdConfig, KfdDevice};
     let exe = std::env::current_exe().map_err(|e| format!("locating the kfdmux binary: {e}"))?;
     let cfg = KfdConfig {
-        render_dir: opts.kfd_render_dir.clone().unwrap_or_else(|| KfdConfig::default_render_dir(&opts.kfd_path)),
+        render_dir: opts
+            .kfd_render_dir
+            .clone()
+            .unwrap_or_else(|| KfdConfig::default_render_dir(&opts.kfd_path)),
         kfd_path: opts.kfd_path.clone(),
         sysfs: opts.kfd_sysfs.clone(),
         gpus: opts.kfd_gpus.clone(),
@@ -250,17 +283,31 @@ fn serve_cuse(opts: &ServeOptions, mux: Arc<Mux>, set: &libc::sigset_t) -> Resul
     let env = Arc::new(cuse::CuseEnv::default());
     let mut names = vec![(opts.name.clone(), FileKind::Kfd)];
     for i in 0..mux.device.gpu_count() {
-        names.push((cuse::render_devname(&opts.name, mux.device.render_minor(i)), FileKind::Render(i)));
+        names.push((
+            cuse::render_devname(&opts.name, mux.device.render_minor(i)),
+            FileKind::Render(i),
+        ));
     }
     let mut runners = Vec::new();
     for (name, kind) in &names {
         let fd = cuse::open_cuse()?;
-        let fs = Arc::new(cuse::CuseFs { mux: mux.clone(), kind: *kind, env: env.clone() });
+        let fs = Arc::new(cuse::CuseFs {
+            mux: mux.clone(),
+            kind: *kind,
+            env: env.clone(),
+        });
         let session = Session::new_cuse(fd, fs, name);
-        let threads = if *kind == FileKind::Kfd { opts.threads } else { 2 };
+        let threads = if *kind == FileKind::Kfd {
+            opts.threads
+        } else {
+            2
+        };
         runners.push(std::thread::spawn(move || session.run(threads)));
     }
-    let hsock = opts.handover_socket.clone().unwrap_or_else(|| PathBuf::from(crate::handover::DEFAULT_SOCKET));
+    let hsock = opts
+        .handover_socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(crate::handover::DEFAULT_SOCKET));
     crate::handover::spawn_server(&hsock, mux.clone())
         .map_err(|e| format!("hand-over socket {}: {e}", hsock.display()))?;
     // The kernel registers each device when it has our CUSE_INIT reply.
@@ -272,7 +319,9 @@ fn serve_cuse(opts: &ServeOptions, mux: Arc<Mux>, set: &libc::sigset_t) -> Resul
                 break;
             }
             if std::time::Instant::now() > deadline {
-                return Err(format!("CUSE device {name} did not appear in /sys/class/cuse"));
+                return Err(format!(
+                    "CUSE device {name} did not appear in /sys/class/cuse"
+                ));
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
@@ -291,7 +340,10 @@ fn serve_cuse(opts: &ServeOptions, mux: Arc<Mux>, set: &libc::sigset_t) -> Resul
 }
 
 fn serve_fuse(opts: &ServeOptions, mux: Arc<Mux>, set: &libc::sigset_t) -> Result<(), String> {
-    let mount_dir = opts.mount.clone().ok_or("--mount DIR is required with --transport fuse")?;
+    let mount_dir = opts
+        .mount
+        .clone()
+        .ok_or("--mount DIR is required with --transport fuse")?;
     if let Some(p) = &opts.handover_socket {
         crate::handover::spawn_server(p, mux.clone())
             .map_err(|e| format!("hand-over socket {}: {e}", p.display()))?;
@@ -317,7 +369,12 @@ fn serve_fuse(opts: &ServeOptions, mux: Arc<Mux>, set: &libc::sigset_t) -> Resul
         }
         fs.set_dev(d);
     }
-    log::info!("serving {} on {} (sysfs {:?})", opts.gpus, mount_dir.display(), opts.sysfs_dir());
+    log::info!(
+        "serving {} on {} (sysfs {:?})",
+        opts.gpus,
+        mount_dir.display(),
+        opts.sysfs_dir()
+    );
     let sig = wait_signal(set);
     log::info!("signal {sig}: unmounting {}", mount_dir.display());
     mount::unmount(&mount_dir);
@@ -549,7 +606,10 @@ pub fn serve_config(path: &std::path::Path, opts: &ServeOptions) -> Result<(), S
         }
     }
     if let Some(p) = &cfg.cdi_spec {
-        let spec = crate::cdi::spec(&cfg, &crate::cdi::HostFacts::probe(cfg.hook_binary.as_deref()));
+        let spec = crate::cdi::spec(
+            &cfg,
+            &crate::cdi::HostFacts::probe(cfg.hook_binary.as_deref()),
+        );
         if let Err(e) = crate::cdi::write_spec(p, &spec) {
             for r in running {
                 r.stop();

@@ -12,16 +12,50 @@ macro_rules! errnos {
     };
 }
 errnos!(
-    EPERM, ENOENT, ESRCH, EINTR, EIO, ENXIO, E2BIG, EBADF, EAGAIN, ENOMEM, EACCES, EFAULT,
-    EBUSY, EEXIST, ENODEV, EINVAL, ENFILE, EMFILE, ENOTTY, EFBIG, ENOSPC, ERANGE, ENOSYS,
-    ENOTCONN, EOPNOTSUPP, EOVERFLOW, ETIME, ETIMEDOUT, EPROTO, EDEADLK, ENAMETOOLONG, EISDIR,
-    ENOTDIR, ECANCELED
+    EPERM,
+    ENOENT,
+    ESRCH,
+    EINTR,
+    EIO,
+    ENXIO,
+    E2BIG,
+    EBADF,
+    EAGAIN,
+    ENOMEM,
+    EACCES,
+    EFAULT,
+    EBUSY,
+    EEXIST,
+    ENODEV,
+    EINVAL,
+    ENFILE,
+    EMFILE,
+    ENOTTY,
+    EFBIG,
+    ENOSPC,
+    ERANGE,
+    ENOSYS,
+    ENOTCONN,
+    EOPNOTSUPP,
+    EOVERFLOW,
+    ETIME,
+    ETIMEDOUT,
+    EPROTO,
+    EDEADLK,
+    ENAMETOOLONG,
+    EISDIR,
+    ENOTDIR,
+    ECANCELED
 );
 
 impl Errno {
     /// The calling thread's last OS error.
     pub fn last() -> Errno {
-        Errno(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+        Errno(
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+        )
     }
     pub fn from_io(e: &std::io::Error) -> Errno {
         Errno(e.raw_os_error().unwrap_or(libc::EIO))

@@ -5,18 +5,18 @@
 //! memory, `mux` maps open files to device contexts, `device` is the kernel below.
 
 pub mod abi;
+pub mod cdi;
+pub mod check;
+pub mod config;
+pub mod daemon;
 pub mod device;
 pub mod errno;
 pub mod handover;
-pub mod topology;
-pub mod sysfs;
-pub mod check;
-pub mod daemon;
 pub mod marshal;
 pub mod mux;
 pub mod policy;
+pub mod run;
+pub mod sysfs;
+pub mod topology;
 pub mod trace;
 pub mod transport;
-pub mod run;
-pub mod config;
-pub mod cdi;

@@ -78,14 +78,24 @@ fn main() -> ExitCode {
         Cmd::Serve(o) => kfdmux::daemon::serve(&o).map(|_| 0),
         Cmd::Run(o) => kfdmux::run::run_command(&o),
         Cmd::Check(o) => Ok(kfdmux::check::run(&o).min(1)),
-        Cmd::Trace { cmd: TraceCmd::Show(o) } => kfdmux::trace::show::run(&o),
-        Cmd::Replay(o) => kfdmux::trace::replay::run(&o).map_err(|e| {
-            eprintln!("kfdmux: {e}");
-            2
-        }).or_else(Ok::<i32, String>),
-        Cmd::Config { cmd: ConfigCmd::Check { file } } => Ok(kfdmux::config::check_command(&file)),
-        Cmd::Cdi { cmd: CdiCmd::Generate(o) } => kfdmux::cdi::generate_command(&o),
-        Cmd::Cdi { cmd: CdiCmd::Hook(o) } => kfdmux::cdi::hook_command(&o),
+        Cmd::Trace {
+            cmd: TraceCmd::Show(o),
+        } => kfdmux::trace::show::run(&o),
+        Cmd::Replay(o) => kfdmux::trace::replay::run(&o)
+            .map_err(|e| {
+                eprintln!("kfdmux: {e}");
+                2
+            })
+            .or_else(Ok::<i32, String>),
+        Cmd::Config {
+            cmd: ConfigCmd::Check { file },
+        } => Ok(kfdmux::config::check_command(&file)),
+        Cmd::Cdi {
+            cmd: CdiCmd::Generate(o),
+        } => kfdmux::cdi::generate_command(&o),
+        Cmd::Cdi {
+            cmd: CdiCmd::Hook(o),
+        } => kfdmux::cdi::hook_command(&o),
         Cmd::Topology { gpus, out } => kfdmux::sysfs::topology_command(&gpus, &out).map(|_| {
             println!("wrote {}", out.join("kfd/topology").display());
             0

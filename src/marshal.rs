@@ -28,7 +28,11 @@ pub fn plan(def: &StructDef, arg: &[u8]) -> Result<Vec<Region>, Errno> {
     for f in def.fields {
         let Kind::Pointer(p) = &f.kind else { continue };
         let Some(count) = def.get(arg, p.count_field) else {
-            log::warn!("schema: {}.{} names a missing count field", def.name, f.name);
+            log::warn!(
+                "schema: {}.{} names a missing count field",
+                def.name,
+                f.name
+            );
             return Err(Errno::EINVAL);
         };
         let elems = match p.count_unit {
@@ -41,14 +45,25 @@ pub fn plan(def: &StructDef, arg: &[u8]) -> Result<Vec<Region>, Errno> {
             continue;
         }
         if len > MAX_ARRAY_BYTES as u64 {
-            log::warn!("{}.{}: {} bytes exceed the {} byte limit", def.name, f.name, len, MAX_ARRAY_BYTES);
+            log::warn!(
+                "{}.{}: {} bytes exceed the {} byte limit",
+                def.name,
+                f.name,
+                len,
+                MAX_ARRAY_BYTES
+            );
             return Err(Errno::EINVAL);
         }
         let addr = crate::abi::table::read_uint(arg, f.offset, f.size);
         if addr == 0 {
             return Err(Errno::EFAULT);
         }
-        out.push(Region { field: f.name, addr, len: len as usize, io: p.io });
+        out.push(Region {
+            field: f.name,
+            addr,
+            len: len as usize,
+            io: p.io,
+        });
     }
     Ok(out)
 }
@@ -62,7 +77,12 @@ pub fn fetch(pid: u32, regions: &[Region]) -> Result<Vec<ArrayBuf>, Errno> {
             if r.io.is_in() {
                 read_process(pid, r.addr, &mut data)?;
             }
-            Ok(ArrayBuf { field: r.field, addr: r.addr, io: r.io, data })
+            Ok(ArrayBuf {
+                field: r.field,
+                addr: r.addr,
+                io: r.io,
+                data,
+            })
         })
         .collect()
 }
@@ -77,12 +97,22 @@ pub fn write_back(pid: u32, arrays: &[ArrayBuf]) -> Result<(), Errno> {
 
 /// `process_vm_readv` of exactly `buf.len()` bytes at `addr` in `pid`; EFAULT when short.
 pub fn read_process(pid: u32, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
-    let local = libc::iovec { iov_base: buf.as_mut_ptr() as *mut _, iov_len: buf.len() };
-    let remote = libc::iovec { iov_base: addr as usize as *mut _, iov_len: buf.len() };
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut _,
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as usize as *mut _,
+        iov_len: buf.len(),
+    };
     // SAFETY: `local` describes our own writable buffer; the remote side is checked by the kernel.
     let n = unsafe { libc::process_vm_readv(pid as i32, &local, 1, &remote, 1, 0) };
     if n < 0 || n as usize != buf.len() {
-        log::debug!("process_vm_readv pid {pid} {addr:#x}+{}: {}", buf.len(), Errno::last());
+        log::debug!(
+            "process_vm_readv pid {pid} {addr:#x}+{}: {}",
+            buf.len(),
+            Errno::last()
+        );
         return Err(Errno::EFAULT);
     }
     Ok(())
@@ -90,12 +120,22 @@ pub fn read_process(pid: u32, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
 
 /// `process_vm_writev` of all of `buf` at `addr` in `pid`; EFAULT when short.
 pub fn write_process(pid: u32, addr: u64, buf: &[u8]) -> Result<(), Errno> {
-    let local = libc::iovec { iov_base: buf.as_ptr() as *mut _, iov_len: buf.len() };
-    let remote = libc::iovec { iov_base: addr as usize as *mut _, iov_len: buf.len() };
+    let local = libc::iovec {
+        iov_base: buf.as_ptr() as *mut _,
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as usize as *mut _,
+        iov_len: buf.len(),
+    };
     // SAFETY: `local` describes our own readable buffer; the remote side is checked by the kernel.
     let n = unsafe { libc::process_vm_writev(pid as i32, &local, 1, &remote, 1, 0) };
     if n < 0 || n as usize != buf.len() {
-        log::debug!("process_vm_writev pid {pid} {addr:#x}+{}: {}", buf.len(), Errno::last());
+        log::debug!(
+            "process_vm_writev pid {pid} {addr:#x}+{}: {}",
+            buf.len(),
+            Errno::last()
+        );
         return Err(Errno::EFAULT);
     }
     Ok(())

@@ -8,7 +8,9 @@ use std::sync::{Arc, RwLock};
 use slab::Slab;
 
 use crate::abi::table::{ioc_nr, ioc_size, ioc_type, Dir, IoctlDef, DRM_IOC_TYPE, KFD_IOC_TYPE};
-use crate::device::{Caller, Device, DeviceContext, Done, DoneSink, Env, FileKind, IoctlCall, IoctlResult};
+use crate::device::{
+    Caller, Device, DeviceContext, Done, DoneSink, Env, FileKind, IoctlCall, IoctlResult,
+};
 use crate::errno::Errno;
 use crate::marshal;
 use crate::transport::engine::IoctlReply;
@@ -49,7 +51,9 @@ pub struct Mux {
 /// thread-group leader.
 pub fn tgid_of(pid: u32) -> Option<u32> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
+    s.lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 impl Mux {
@@ -72,7 +76,13 @@ impl Mux {
     /// Records an ioctl refused before the device saw it (recording only).
     fn rec_refused(&self, fh: u64, pid: u32, cmd: u32, in_data: &[u8], e: Errno) {
         if let Some(r) = self.recorder.get() {
-            r.refused(self.file(fh).map(|f| f.id).unwrap_or(0), pid, cmd, in_data, e);
+            r.refused(
+                self.file(fh).map(|f| f.id).unwrap_or(0),
+                pid,
+                cmd,
+                in_data,
+                e,
+            );
         }
     }
 
@@ -88,10 +98,20 @@ impl Mux {
             }
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let file = Arc::new(OpenFile { id, kind, owner: caller, ctx, retries: Default::default() });
+        let file = Arc::new(OpenFile {
+            id,
+            kind,
+            owner: caller,
+            ctx,
+            retries: Default::default(),
+        });
         let fh = self.files.write().map_err(|_| Errno::EIO)?.insert(file) as u64;
         self.counters.opens_total.fetch_add(1, Ordering::Relaxed);
-        log::info!("open {kind:?} by pid {} (uid {}): context {id}, fh {fh}", caller.tgid, caller.uid);
+        log::info!(
+            "open {kind:?} by pid {} (uid {}): context {id}, fh {fh}",
+            caller.tgid,
+            caller.uid
+        );
         if let Some(r) = self.recorder.get() {
             r.open(id, &caller, kind, &Ok(fh));
         }
@@ -100,7 +120,11 @@ impl Mux {
 
     /// Closes a file: the device frees everything the context held.
     pub fn release(&self, fh: u64) {
-        let file = self.files.write().ok().and_then(|mut s| s.try_remove(fh as usize));
+        let file = self
+            .files
+            .write()
+            .ok()
+            .and_then(|mut s| s.try_remove(fh as usize));
         match file {
             Some(f) => {
                 f.ctx.release();
@@ -122,21 +146,42 @@ impl Mux {
     /// from any process but the one that opened it, e.g. a child after fork).
     pub fn caller_file(&self, fh: u64, pid: u32) -> Result<(Arc<OpenFile>, Caller), Errno> {
         let f = self.file(fh).ok_or(Errno::EBADF)?;
-        let tgid = if pid == f.owner.tgid { pid } else { tgid_of(pid).unwrap_or(0) };
+        let tgid = if pid == f.owner.tgid {
+            pid
+        } else {
+            tgid_of(pid).unwrap_or(0)
+        };
         if tgid != f.owner.tgid {
             self.counters.ebadf_total.fetch_add(1, Ordering::Relaxed);
-            log::info!("pid {pid} (tgid {tgid}) used context {} of pid {}: EBADF", f.id, f.owner.tgid);
+            log::info!(
+                "pid {pid} (tgid {tgid}) used context {} of pid {}: EBADF",
+                f.id,
+                f.owner.tgid
+            );
             return Err(Errno::EBADF);
         }
-        Ok((f.clone(), Caller { pid, tgid, uid: f.owner.uid, gid: f.owner.gid }))
+        Ok((
+            f.clone(),
+            Caller {
+                pid,
+                tgid,
+                uid: f.owner.uid,
+                gid: f.owner.gid,
+            },
+        ))
     }
 
     /// The schema entry for `cmd` on a file of `kind`: the ioctl type must match the file
     /// (ENOTTY), the nr must be known (ENOTTY) and the size one of the nr's variants (EINVAL).
-    pub fn lookup_cmd(kind: FileKind, cmd: u32) -> Result<(&'static IoctlDef, &'static crate::abi::table::IoctlVariant), Errno> {
+    pub fn lookup_cmd(
+        kind: FileKind,
+        cmd: u32,
+    ) -> Result<(&'static IoctlDef, &'static crate::abi::table::IoctlVariant), Errno> {
         let def = match kind {
             FileKind::Kfd if ioc_type(cmd) == KFD_IOC_TYPE => crate::abi::kfd_ioctl(ioc_nr(cmd)),
-            FileKind::Render(_) if ioc_type(cmd) == DRM_IOC_TYPE => crate::abi::drm_ioctl(ioc_nr(cmd)),
+            FileKind::Render(_) if ioc_type(cmd) == DRM_IOC_TYPE => {
+                crate::abi::drm_ioctl(ioc_nr(cmd))
+            }
             _ => None,
         }
         .ok_or_else(|| {
@@ -144,7 +189,11 @@ impl Mux {
             Errno::ENOTTY
         })?;
         let v = def.variant_for(cmd).ok_or_else(|| {
-            log::warn!("{} with size {} matches no known variant: EINVAL", def.name, ioc_size(cmd));
+            log::warn!(
+                "{} with size {} matches no known variant: EINVAL",
+                def.name,
+                ioc_size(cmd)
+            );
             Errno::EINVAL
         })?;
         Ok((def, v))
@@ -152,7 +201,16 @@ impl Mux {
 
     /// A restricted ioctl (FUSE file): `in_data` is the struct the kernel copied in.
     #[allow(clippy::too_many_arguments)]
-    pub fn ioctl_restricted(&self, env: &dyn Env, pid: u32, fh: u64, cmd: u32, in_data: &[u8], out_size: u32, reply: IoctlReply) {
+    pub fn ioctl_restricted(
+        &self,
+        env: &dyn Env,
+        pid: u32,
+        fh: u64,
+        cmd: u32,
+        in_data: &[u8],
+        out_size: u32,
+        reply: IoctlReply,
+    ) {
         self.counters.ioctls_total.fetch_add(1, Ordering::Relaxed);
         let (file, caller) = match self.caller_file(fh, pid) {
             Ok(x) => x,
@@ -178,19 +236,36 @@ impl Mux {
         let n = in_data.len().min(full);
         arg[..n].copy_from_slice(&in_data[..n]);
         let arrays = match variant.arg {
-            Some(sd) => match marshal::plan(sd, &arg).and_then(|r| marshal::fetch(caller.pid, &r)) {
-                Ok(a) => a,
-                Err(e) => {
-                    log::debug!("{}: marshalling failed: {e}", def.name);
-                    self.rec_refused(fh, pid, cmd, in_data, e);
-                    return reply.error(e);
+            Some(sd) => {
+                match marshal::plan(sd, &arg).and_then(|r| marshal::fetch(caller.pid, &r)) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        log::debug!("{}: marshalling failed: {e}", def.name);
+                        self.rec_refused(fh, pid, cmd, in_data, e);
+                        return reply.error(e);
+                    }
                 }
-            },
+            }
             None => Vec::new(),
         };
-        let call = IoctlCall { cmd, def, variant, arg, arrays, caller };
-        let rec = self.recorder.get().map(|r| r.begin_ioctl(file.id, env, &call));
-        let sink = RestrictedDone { reply: Some(reply), pid: caller.pid, out_size: out_size as usize, rec };
+        let call = IoctlCall {
+            cmd,
+            def,
+            variant,
+            arg,
+            arrays,
+            caller,
+        };
+        let rec = self
+            .recorder
+            .get()
+            .map(|r| r.begin_ioctl(file.id, env, &call));
+        let sink = RestrictedDone {
+            reply: Some(reply),
+            pid: caller.pid,
+            out_size: out_size as usize,
+            rec,
+        };
         file.ctx.ioctl(env, call, Done::new(Box::new(sink)));
     }
 
@@ -236,10 +311,17 @@ impl Mux {
         };
         let usize_ = ioc_size(cmd) as usize;
         let struct_out = matches!(variant.dir, Dir::Read | Dir::ReadWrite);
-        let struct_iov = IoctlIovec { base: arg, len: usize_ as u64 };
+        let struct_iov = IoctlIovec {
+            base: arg,
+            len: usize_ as u64,
+        };
         if usize_ > 0 && in_data.len() < usize_ {
             // Round 1: ask for the struct.
-            let out: &[IoctlIovec] = if struct_out { std::slice::from_ref(&struct_iov) } else { &[] };
+            let out: &[IoctlIovec] = if struct_out {
+                std::slice::from_ref(&struct_iov)
+            } else {
+                &[]
+            };
             return reply.retry(std::slice::from_ref(&struct_iov), out);
         }
         let full = variant.arg.map(|a| a.size).unwrap_or(0).max(usize_);
@@ -260,9 +342,16 @@ impl Mux {
             None => Vec::new(),
         };
         let mut in_iovs = vec![struct_iov];
-        let mut out_iovs = if struct_out { vec![struct_iov] } else { Vec::new() };
+        let mut out_iovs = if struct_out {
+            vec![struct_iov]
+        } else {
+            Vec::new()
+        };
         for r in &regions {
-            let iov = IoctlIovec { base: r.addr, len: r.len as u64 };
+            let iov = IoctlIovec {
+                base: r.addr,
+                len: r.len as u64,
+            };
             if r.io.is_in() {
                 in_iovs.push(iov);
             }
@@ -290,19 +379,28 @@ impl Mux {
         if !regions.is_empty() {
             let mut pend = file.retries.lock().unwrap_or_else(|p| p.into_inner());
             let idx = pend.iter().position(|p| p.key == key);
-            let matches = idx.is_some_and(|i| pend[i].in_iovs == in_iovs && pend[i].out_iovs == out_iovs)
+            let matches = idx
+                .is_some_and(|i| pend[i].in_iovs == in_iovs && pend[i].out_iovs == out_iovs)
                 && in_data.len() as u64 == in_len
                 && out_size as u64 == out_len;
             if !matches {
                 let rounds = idx.map(|i| pend.remove(i).rounds).unwrap_or(0) + 1;
                 if rounds > MAX_ROUNDS {
-                    log::warn!("{}: the client kept changing its arguments between retry rounds: EINVAL", def.name);
+                    log::warn!(
+                        "{}: the client kept changing its arguments between retry rounds: EINVAL",
+                        def.name
+                    );
                     return reply.error(Errno::EINVAL);
                 }
                 if pend.len() >= MAX_PENDING_RETRIES {
                     pend.remove(0);
                 }
-                pend.push(PendingRetry { key, in_iovs: in_iovs.clone(), out_iovs: out_iovs.clone(), rounds });
+                pend.push(PendingRetry {
+                    key,
+                    in_iovs: in_iovs.clone(),
+                    out_iovs: out_iovs.clone(),
+                    rounds,
+                });
                 drop(pend);
                 return reply.retry(&in_iovs, &out_iovs);
             }
@@ -319,12 +417,36 @@ impl Mux {
                 data.copy_from_slice(&in_data[off..off + r.len]);
                 off += r.len;
             }
-            arrays.push(crate::device::ArrayBuf { field: r.field, addr: r.addr, io: r.io, data });
+            arrays.push(crate::device::ArrayBuf {
+                field: r.field,
+                addr: r.addr,
+                io: r.io,
+                data,
+            });
         }
-        let out_lens = regions.iter().filter(|r| r.io.is_out()).map(|r| r.len).collect();
-        let call = IoctlCall { cmd, def, variant, arg: argb, arrays, caller };
-        let rec = self.recorder.get().map(|r| r.begin_ioctl(file.id, env, &call));
-        let sink = UnrestrictedDone { reply: Some(reply), struct_out: struct_out.then_some(usize_), out_lens, rec };
+        let out_lens = regions
+            .iter()
+            .filter(|r| r.io.is_out())
+            .map(|r| r.len)
+            .collect();
+        let call = IoctlCall {
+            cmd,
+            def,
+            variant,
+            arg: argb,
+            arrays,
+            caller,
+        };
+        let rec = self
+            .recorder
+            .get()
+            .map(|r| r.begin_ioctl(file.id, env, &call));
+        let sink = UnrestrictedDone {
+            reply: Some(reply),
+            struct_out: struct_out.then_some(usize_),
+            out_lens,
+            rec,
+        };
         file.ctx.ioctl(env, call, Done::new(Box::new(sink)));
     }
 
@@ -344,7 +466,14 @@ impl Mux {
         }
         if let Ok(files) = self.files.read() {
             for (fh, f) in files.iter() {
-                s.push_str(&format!("context {} fh {fh} pid {} uid {} file {:?}\n", f.id, f.owner.tgid, f.owner.uid, f.kind).replace(['(', ')'], " ").replace("  ", " "));
+                s.push_str(
+                    &format!(
+                        "context {} fh {fh} pid {} uid {} file {:?}\n",
+                        f.id, f.owner.tgid, f.owner.uid, f.kind
+                    )
+                    .replace(['(', ')'], " ")
+                    .replace("  ", " "),
+                );
             }
         }
         s
@@ -377,7 +506,9 @@ struct UnrestrictedDone {
 
 impl DoneSink for UnrestrictedDone {
     fn complete(mut self: Box<Self>, call: IoctlCall, result: IoctlResult) {
-        let Some(reply) = self.reply.take() else { return };
+        let Some(reply) = self.reply.take() else {
+            return;
+        };
         // Stamped before the reply, written after it: the client does not wait for the write.
         let rec = self.rec.take().map(|p| p.finish(&call, &result, &result));
         let mut out = Vec::new();
@@ -429,7 +560,9 @@ struct RestrictedDone {
 
 impl DoneSink for RestrictedDone {
     fn complete(mut self: Box<Self>, call: IoctlCall, result: IoctlResult) {
-        let Some(reply) = self.reply.take() else { return };
+        let Some(reply) = self.reply.take() else {
+            return;
+        };
         let mut result = result;
         let dev_result = result;
         if result.is_ok() {
@@ -437,7 +570,10 @@ impl DoneSink for RestrictedDone {
                 result = Err(e);
             }
         }
-        let rec = self.rec.take().map(|p| p.finish(&call, &dev_result, &result));
+        let rec = self
+            .rec
+            .take()
+            .map(|p| p.finish(&call, &dev_result, &result));
         let n = self.out_size.min(call.arg.len());
         match result {
             Ok(()) => reply.ok(0, &call.arg[..n]),

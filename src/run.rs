@@ -867,9 +867,18 @@ impl CuseRun {
         let name = format!("kfdmux-run-{}/kfd", std::process::id());
         let mut nodes = vec![Path::new("/dev").join(&name)];
         for g in crate::topology::parse_gpus(gpus)? {
-            nodes.push(Path::new("/dev").join(crate::transport::cuse::render_devname(&name, g.render_minor)));
+            nodes.push(
+                Path::new("/dev").join(crate::transport::cuse::render_devname(
+                    &name,
+                    g.render_minor,
+                )),
+            );
         }
-        Ok(CuseRun { name, socket: work.join("handover.sock"), nodes })
+        Ok(CuseRun {
+            name,
+            socket: work.join("handover.sock"),
+            nodes,
+        })
     }
 }
 
@@ -1139,16 +1148,24 @@ pub fn run_command(opts: &RunOptions) -> Result<i32, String> {
             let mut kv = k.clone();
             kv.push("=");
             kv.push(&v);
-            exec.envp.retain(|e| !e.as_bytes().starts_with(format!("{}=", k.to_string_lossy()).as_bytes()));
+            exec.envp.retain(|e| {
+                !e.as_bytes()
+                    .starts_with(format!("{}=", k.to_string_lossy()).as_bytes())
+            });
             exec.envp.push(to_c(&kv)?);
         }
     }
-    let kfd_path = (opts.device == crate::daemon::DeviceKind::Kfd)
-        .then(|| opts.kfd_path.clone().unwrap_or_else(|| PathBuf::from("/dev/kfd")));
+    let kfd_path = (opts.device == crate::daemon::DeviceKind::Kfd).then(|| {
+        opts.kfd_path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/dev/kfd"))
+    });
     if kfd_path.is_some() {
         // Secondary kernel contexts refuse USERPTR: make ROCm allocate host memory as GTT.
-        exec.envp.retain(|e| !e.as_bytes().starts_with(b"HSA_USERPTR_FOR_PAGED_MEM="));
-        exec.envp.push(to_c(OsStr::new("HSA_USERPTR_FOR_PAGED_MEM=0"))?);
+        exec.envp
+            .retain(|e| !e.as_bytes().starts_with(b"HSA_USERPTR_FOR_PAGED_MEM="));
+        exec.envp
+            .push(to_c(OsStr::new("HSA_USERPTR_FOR_PAGED_MEM=0"))?);
     }
     let (mount, sysfs) = match &opts.daemon {
         Some(dir) => {

@@ -23,7 +23,11 @@ impl Drop for Serve {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
-        let _ = Command::new("umount").arg("-l").arg(&self.mount).stderr(Stdio::null()).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mount)
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -31,7 +35,14 @@ fn serve(extra: &[&str]) -> Serve {
     let dir = TempDir::new("svm-switch");
     let mount = dir.path().join("m");
     let child = Command::new(kfdmux_bin())
-        .args(["serve", "--transport", "fuse", "--gpus", "gfx90a:1", "--mount"])
+        .args([
+            "serve",
+            "--transport",
+            "fuse",
+            "--gpus",
+            "gfx90a:1",
+            "--mount",
+        ])
         .arg(&mount)
         .args(extra)
         .stdout(Stdio::null())
@@ -43,11 +54,16 @@ fn serve(extra: &[&str]) -> Serve {
         assert!(Instant::now() < deadline, "daemon did not mount");
         std::thread::sleep(Duration::from_millis(20));
     }
-    Serve { child, mount, _dir: dir }
+    Serve {
+        child,
+        mount,
+        _dir: dir,
+    }
 }
 
 fn capability_bit(sysfs: &Path) -> bool {
-    let text = std::fs::read_to_string(sysfs.join("kfd/topology/nodes/1/properties")).expect("node 1 properties");
+    let text = std::fs::read_to_string(sysfs.join("kfd/topology/nodes/1/properties"))
+        .expect("node 1 properties");
     let props = kfdmux::sysfs::parse_properties(&text);
     let cap = kfdmux::sysfs::property(&props, "capability").expect("capability") as u32;
     cap & HSA_CAP_SVMAPI_SUPPORTED != 0
@@ -55,7 +71,11 @@ fn capability_bit(sysfs: &Path) -> bool {
 
 /// SVM SET_ATTR (PREFERRED_LOC = system memory) over two pages of our own memory.
 fn svm_set_attr(kfd: &Path) -> Result<(), i32> {
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(kfd).expect("open kfd");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(kfd)
+        .expect("open kfd");
     let mem = vec![0u8; 3 * 4096];
     let start = (mem.as_ptr() as u64 + 4095) & !4095;
     // The fixed part then one attribute, as libhsakmt lays it out.
@@ -84,10 +104,24 @@ fn svm_bit_and_ioctl_agree() {
         return;
     }
     let off = serve(&[]);
-    assert!(!capability_bit(&kfdmux::run::sysfs_dir_for(&off.mount)), "SVM bit clear by default");
-    assert_eq!(svm_set_attr(&off.mount.join("kfd")), Err(libc::EPERM), "SVM refused by default");
+    assert!(
+        !capability_bit(&kfdmux::run::sysfs_dir_for(&off.mount)),
+        "SVM bit clear by default"
+    );
+    assert_eq!(
+        svm_set_attr(&off.mount.join("kfd")),
+        Err(libc::EPERM),
+        "SVM refused by default"
+    );
     drop(off);
     let on = serve(&["--svm"]);
-    assert!(capability_bit(&kfdmux::run::sysfs_dir_for(&on.mount)), "SVM bit set with --svm");
-    assert_eq!(svm_set_attr(&on.mount.join("kfd")), Ok(()), "SVM accepted with --svm");
+    assert!(
+        capability_bit(&kfdmux::run::sysfs_dir_for(&on.mount)),
+        "SVM bit set with --svm"
+    );
+    assert_eq!(
+        svm_set_attr(&on.mount.join("kfd")),
+        Ok(()),
+        "SVM accepted with --svm"
+    );
 }

@@ -24,8 +24,10 @@ fn root_dir() -> PathBuf {
 }
 
 fn vm_ok() -> bool {
-    require(is_root(), "root (scripts/vm-test installs packages and caches the VM image)")
-        && require(have_cmd("gcc"), "gcc (to build the test clients)")
+    require(
+        is_root(),
+        "root (scripts/vm-test installs packages and caches the VM image)",
+    ) && require(have_cmd("gcc"), "gcc (to build the test clients)")
 }
 
 /// Builds a C test client into the test's temp dir.
@@ -46,7 +48,11 @@ fn preload_lib() -> PathBuf {
     if let Some(p) = beside.filter(|p| p.is_file()) {
         return p;
     }
-    let tdir = bin.parent().and_then(|d| d.parent()).map(|d| d.join("preload-for-vm")).expect("target dir");
+    let tdir = bin
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("preload-for-vm"))
+        .expect("target dir");
     let cargo = option_env!("CARGO").unwrap_or("cargo");
     let st = Command::new(cargo)
         .args(["build", "-q", "-p", "kfdmux-preload", "--target-dir"])
@@ -63,14 +69,19 @@ fn preload_lib() -> PathBuf {
 fn vm(script: &str, files: &[(&Path, &str)], extra: &[&str]) -> (i32, String) {
     let mut cmd = Command::new(root_dir().join("scripts/vm-test"));
     cmd.arg("-q").arg("--timeout").arg("600");
-    cmd.arg("--file").arg(format!("{}:/usr/bin/kfdmux", kfdmux_bin().display()));
+    cmd.arg("--file")
+        .arg(format!("{}:/usr/bin/kfdmux", kfdmux_bin().display()));
     for (host, guest) in files {
         cmd.arg("--file").arg(format!("{}:{guest}", host.display()));
     }
     cmd.args(extra);
     cmd.arg("--").arg("sh").arg("-c").arg(script);
     let out = cmd.output().expect("scripts/vm-test");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     println!("{text}");
     (out.status.code().unwrap_or(-1), text)
 }
@@ -83,7 +94,8 @@ fn check_results(text: &str) -> Vec<(String, bool)> {
             if let Some(n) = l.strip_prefix("PASS ") {
                 Some((n.to_string(), true))
             } else {
-                l.strip_prefix("FAIL ").map(|n| (n.split(':').next().unwrap_or(n).to_string(), false))
+                l.strip_prefix("FAIL ")
+                    .map(|n| (n.split(':').next().unwrap_or(n).to_string(), false))
             }
         })
         .collect()
@@ -106,7 +118,11 @@ fn acceptance_suite_same_over_fuse_and_cuse() {
         .expect("kfdmux check");
     let host_text = String::from_utf8_lossy(&host.stdout).to_string();
     println!("host (FUSE):\n{host_text}");
-    let (code, vm_text) = vm(&format!("{START_DAEMON} kfdmux check --kfd /dev/kfdmux/kfd; r=$?; kill $D; exit $r"), &[], &[]);
+    let (code, vm_text) = vm(
+        &format!("{START_DAEMON} kfdmux check --kfd /dev/kfdmux/kfd; r=$?; kill $D; exit $r"),
+        &[],
+        &[],
+    );
     let fuse = check_results(&host_text);
     let cuse = check_results(&vm_text);
     assert!(fuse.len() >= 8, "the suite ran on the host: {fuse:?}");
@@ -129,11 +145,29 @@ fn cuse_mmap_needs_preload_and_is_coherent_with_it() {
          echo '--- with preload'; LD_PRELOAD=/usr/lib/libkfdmux_preload.so KFDMUX_HANDOVER_SOCKET=/run/kfdmux/handover.sock \
          cuse_mmap_client /dev/kfdmux/kfd /dev/kfdmux/dri/renderD128 /run/kfdmux/handover.sock; r=$?; kill $D; exit $r"
     );
-    let (code, text) = vm(&script, &[(&client, "/usr/bin/cuse_mmap_client"), (&lib, "/usr/lib/libkfdmux_preload.so")], &[]);
-    let (without, with) = text.split_once("--- with preload").expect("both runs printed");
-    assert!(without.contains("mmap-errno 19"), "without the library mmap of a CUSE node is ENODEV");
-    assert!(with.contains("COHERENT"), "with the library the mapping is coherent both ways");
-    assert!(with.contains("child mmap refused"), "a forked child cannot obtain the parent's mapping");
+    let (code, text) = vm(
+        &script,
+        &[
+            (&client, "/usr/bin/cuse_mmap_client"),
+            (&lib, "/usr/lib/libkfdmux_preload.so"),
+        ],
+        &[],
+    );
+    let (without, with) = text
+        .split_once("--- with preload")
+        .expect("both runs printed");
+    assert!(
+        without.contains("mmap-errno 19"),
+        "without the library mmap of a CUSE node is ENODEV"
+    );
+    assert!(
+        with.contains("COHERENT"),
+        "with the library the mapping is coherent both ways"
+    );
+    assert!(
+        with.contains("child mmap refused"),
+        "a forked child cannot obtain the parent's mapping"
+    );
     assert_eq!(code, 0);
 }
 
@@ -153,9 +187,18 @@ fn daemon_sigkill_gives_enotconn_and_restart_serves() {
          [ $c -eq 0 ] && exit $r; exit 1"
     );
     let (code, text) = vm(&script, &[(&client, "/usr/bin/kill_client")], &[]);
-    assert!(text.contains("before kill: version 1."), "the client worked before the kill");
-    assert!(text.contains("DEAD-DAEMON-OK"), "the client saw ENOTCONN/ENODEV after the kill");
-    assert!(text.contains("PASS version_and_apertures"), "a restarted daemon serves new opens");
+    assert!(
+        text.contains("before kill: version 1."),
+        "the client worked before the kill"
+    );
+    assert!(
+        text.contains("DEAD-DAEMON-OK"),
+        "the client saw ENOTCONN/ENODEV after the kill"
+    );
+    assert!(
+        text.contains("PASS version_and_apertures"),
+        "a restarted daemon serves new opens"
+    );
     assert_eq!(code, 0);
 }
 
@@ -170,10 +213,20 @@ fn rocminfo_over_cuse_with_the_preload_library() {
     // page is really mapped (through the hand-over).
     let script = "unset HSA_ENABLE_INTERRUPT; kfdmux run --transport cuse --gpus gfx90a:2 -- rocminfo > /tmp/r.out 2>&1; r=$?; \
                   cat /tmp/r.out; exit $r";
-    let (code, text) = vm(script, &[(&lib, "/usr/bin/libkfdmux_preload.so")], &["--with-rocm"]);
+    let (code, text) = vm(
+        script,
+        &[(&lib, "/usr/bin/libkfdmux_preload.so")],
+        &["--with-rocm"],
+    );
     assert_eq!(code, 0, "rocminfo over CUSE");
     let p = kfdmux::topology::preset("gfx90a").expect("preset");
-    let agents = text.lines().filter(|l| l.trim() == format!("Name:                    {}", p.name).trim()).count();
+    let agents = text
+        .lines()
+        .filter(|l| l.trim() == format!("Name:                    {}", p.name).trim())
+        .count();
     assert_eq!(agents, 2, "two gfx90a agents listed");
-    assert!(text.contains(&format!("Compute Unit:            {}", p.cu_count)), "the preset's compute units");
+    assert!(
+        text.contains(&format!("Compute Unit:            {}", p.cu_count)),
+        "the preset's compute units"
+    );
 }

@@ -12,7 +12,7 @@ pub mod sim;
 
 use std::sync::Arc;
 
-use crate::abi::table::{IoctlDef, IoctlVariant, Io};
+use crate::abi::table::{Io, IoctlDef, IoctlVariant};
 use crate::errno::Errno;
 
 /// The process on whose behalf a request arrives (from the FUSE request header).
@@ -60,10 +60,16 @@ pub struct IoctlCall {
 
 impl IoctlCall {
     pub fn array(&self, field: &str) -> Option<&[u8]> {
-        self.arrays.iter().find(|a| a.field == field).map(|a| a.data.as_slice())
+        self.arrays
+            .iter()
+            .find(|a| a.field == field)
+            .map(|a| a.data.as_slice())
     }
     pub fn array_mut(&mut self, field: &str) -> Option<&mut Vec<u8>> {
-        self.arrays.iter_mut().find(|a| a.field == field).map(|a| &mut a.data)
+        self.arrays
+            .iter_mut()
+            .find(|a| a.field == field)
+            .map(|a| &mut a.data)
     }
     /// The argument struct as a typed value (zero-extended when the caller's variant is shorter).
     pub fn args<T: zerocopy::FromBytes + zerocopy::IntoBytes>(&self) -> T {
@@ -132,7 +138,12 @@ impl Drop for Done {
                         variant: &DROPPED_DEF.variants[0],
                         arg: Vec::new(),
                         arrays: Vec::new(),
-                        caller: Caller { pid: 0, tgid: 0, uid: 0, gid: 0 },
+                        caller: Caller {
+                            pid: 0,
+                            tgid: 0,
+                            uid: 0,
+                            gid: 0,
+                        },
                     },
                     Err(Errno::EIO),
                 );

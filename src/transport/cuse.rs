@@ -40,7 +40,9 @@ impl Env for CuseEnv {
             return Ok(None);
         }
         let v = self.rdevs.lock().map_err(|_| Errno::EIO)?;
-        Ok(v.iter().find(|(r, _)| *r == st.st_rdev).map(|(_, k)| (*k, caller.tgid)))
+        Ok(v.iter()
+            .find(|(r, _)| *r == st.st_rdev)
+            .map(|(_, k)| (*k, caller.tgid)))
     }
 }
 
@@ -54,9 +56,18 @@ pub struct CuseFs {
 impl Filesystem for CuseFs {
     fn open(&self, req: &Request, _nodeid: u64, _flags: u32) -> Result<Opened, Errno> {
         let tgid = tgid_of(req.pid).ok_or(Errno::ESRCH)?;
-        let caller = Caller { pid: req.pid, tgid, uid: req.uid, gid: req.gid };
+        let caller = Caller {
+            pid: req.pid,
+            tgid,
+            uid: req.uid,
+            gid: req.gid,
+        };
         let fh = self.mux.open(caller, self.kind)?;
-        Ok(Opened { fh, open_flags: FOPEN_DIRECT_IO | FOPEN_NONSEEKABLE, backing_id: 0 })
+        Ok(Opened {
+            fh,
+            open_flags: FOPEN_DIRECT_IO | FOPEN_NONSEEKABLE,
+            backing_id: 0,
+        })
     }
 
     fn release(&self, _req: &Request, _nodeid: u64, fh: u64) {
@@ -71,9 +82,26 @@ impl Filesystem for CuseFs {
         }
         let env: &dyn Env = &*self.env;
         if args.flags & FUSE_IOCTL_UNRESTRICTED != 0 {
-            self.mux.ioctl_unrestricted(env, req.pid, args.fh, args.cmd, args.arg, in_data, args.out_size, reply)
+            self.mux.ioctl_unrestricted(
+                env,
+                req.pid,
+                args.fh,
+                args.cmd,
+                args.arg,
+                in_data,
+                args.out_size,
+                reply,
+            )
         } else {
-            self.mux.ioctl_restricted(env, req.pid, args.fh, args.cmd, in_data, args.out_size, reply)
+            self.mux.ioctl_restricted(
+                env,
+                req.pid,
+                args.fh,
+                args.cmd,
+                in_data,
+                args.out_size,
+                reply,
+            )
         }
     }
 

@@ -120,12 +120,25 @@ impl Channel {
     /// Writes one reply: header + parts, in one `writev` (the kernel needs it whole).
     pub fn send(&self, unique: u64, error: i32, parts: &[&[u8]]) {
         let len = 16 + parts.iter().map(|p| p.len()).sum::<usize>();
-        let hdr = OutHeader { len: len as u32, error, unique };
-        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 4];
-        iov[0] = libc::iovec { iov_base: hdr.as_bytes().as_ptr() as *mut _, iov_len: 16 };
+        let hdr = OutHeader {
+            len: len as u32,
+            error,
+            unique,
+        };
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 4];
+        iov[0] = libc::iovec {
+            iov_base: hdr.as_bytes().as_ptr() as *mut _,
+            iov_len: 16,
+        };
         let mut n = 1;
         for p in parts.iter().take(3) {
-            iov[n] = libc::iovec { iov_base: p.as_ptr() as *mut _, iov_len: p.len() };
+            iov[n] = libc::iovec {
+                iov_base: p.as_ptr() as *mut _,
+                iov_len: p.len(),
+            };
             n += 1;
         }
         // SAFETY: every iovec points into a live slice borrowed for the duration of the call.
@@ -151,10 +164,18 @@ impl Channel {
 
     /// Registers `fd` as a passthrough backing file; returns its backing id.
     pub fn backing_open(&self, fd: i32) -> Result<i32, Errno> {
-        let map = BackingMap { fd, flags: 0, padding: 0 };
+        let map = BackingMap {
+            fd,
+            flags: 0,
+            padding: 0,
+        };
         // SAFETY: FUSE_DEV_IOC_BACKING_OPEN reads one fuse_backing_map from the pointer.
         let r = unsafe {
-            libc::ioctl(self.fd.as_raw_fd(), FUSE_DEV_IOC_BACKING_OPEN as _, &map as *const BackingMap)
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                FUSE_DEV_IOC_BACKING_OPEN as _,
+                &map as *const BackingMap,
+            )
         };
         if r < 0 {
             Err(Errno::last())
@@ -166,7 +187,13 @@ impl Channel {
     pub fn backing_close(&self, id: i32) {
         let id = id as u32;
         // SAFETY: FUSE_DEV_IOC_BACKING_CLOSE reads one u32 from the pointer.
-        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), FUSE_DEV_IOC_BACKING_CLOSE as _, &id as *const u32) };
+        let r = unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                FUSE_DEV_IOC_BACKING_CLOSE as _,
+                &id as *const u32,
+            )
+        };
         if r < 0 {
             log::debug!("backing close {id}: {}", Errno::last());
         }
@@ -192,7 +219,12 @@ impl IoctlReply {
     }
     /// Success (or a negative `result` with data, as the kernel copies out even on error).
     pub fn ok(mut self, result: i32, out: &[u8]) {
-        let o = IoctlOut { result, flags: 0, in_iovs: 0, out_iovs: 0 };
+        let o = IoctlOut {
+            result,
+            flags: 0,
+            in_iovs: 0,
+            out_iovs: 0,
+        };
         self.chan.send(self.unique, 0, &[o.as_bytes(), out]);
         self.done();
     }
@@ -208,13 +240,19 @@ impl IoctlReply {
             in_iovs: in_iovs.len() as u32,
             out_iovs: out_iovs.len() as u32,
         };
-        self.chan.send(self.unique, 0, &[o.as_bytes(), in_iovs.as_bytes(), out_iovs.as_bytes()]);
+        self.chan.send(
+            self.unique,
+            0,
+            &[o.as_bytes(), in_iovs.as_bytes(), out_iovs.as_bytes()],
+        );
         self.done();
     }
     /// Registers `cancel` for FUSE_INTERRUPT. False: the request was already interrupted (the
     /// caller must answer EINTR itself; `cancel` is dropped).
     pub fn on_interrupt(&mut self, cancel: Box<dyn FnOnce() + Send>) -> bool {
-        let Ok(mut m) = self.chan.inflight.lock() else { return false };
+        let Ok(mut m) = self.chan.inflight.lock() else {
+            return false;
+        };
         match m.get_mut(&self.unique) {
             Some(slot @ Inflight::Running { interrupted: false }) => {
                 *slot = Inflight::Parked(cancel);
@@ -232,7 +270,10 @@ impl IoctlReply {
 impl Drop for IoctlReply {
     fn drop(&mut self) {
         if !self.answered {
-            log::warn!("ioctl request {} dropped unanswered; replying EIO", self.unique);
+            log::warn!(
+                "ioctl request {} dropped unanswered; replying EIO",
+                self.unique
+            );
             self.chan.send_error(self.unique, Errno::EIO);
             self.chan.finish(self.unique);
         }
@@ -264,7 +305,12 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(fd: OwnedFd, fs: Arc<dyn Filesystem>, proto: Protocol, want_passthrough: bool) -> Arc<Session> {
+    pub fn new(
+        fd: OwnedFd,
+        fs: Arc<dyn Filesystem>,
+        proto: Protocol,
+        want_passthrough: bool,
+    ) -> Arc<Session> {
         Arc::new(Session {
             chan: Channel::new(fd),
             fs,
@@ -292,7 +338,11 @@ impl Session {
         let mut handles = Vec::new();
         for i in 0..threads.max(1) {
             let s = Arc::clone(self);
-            handles.push(std::thread::Builder::new().name(format!("fuse-{i}")).spawn(move || s.worker())?);
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("fuse-{i}"))
+                    .spawn(move || s.worker())?,
+            );
         }
         for h in handles {
             let _ = h.join();
@@ -304,7 +354,8 @@ impl Session {
         let mut buf = vec![0u8; BUFFER_SIZE];
         loop {
             // SAFETY: reading into our own buffer of BUFFER_SIZE bytes.
-            let n = unsafe { libc::read(self.chan.raw_fd(), buf.as_mut_ptr() as *mut _, buf.len()) };
+            let n =
+                unsafe { libc::read(self.chan.raw_fd(), buf.as_mut_ptr() as *mut _, buf.len()) };
             if n < 0 {
                 let e = Errno::last();
                 match e {
@@ -329,15 +380,30 @@ impl Session {
     /// Handles one request (public for the wire tests' use through a socketpair as well).
     pub fn dispatch(&self, msg: &[u8]) {
         let Some((h, _)) = take::<InHeader>(msg) else {
-            log::warn!("request shorter than a header ({} bytes) dropped", msg.len());
+            log::warn!(
+                "request shorter than a header ({} bytes) dropped",
+                msg.len()
+            );
             return;
         };
         if h.len as usize != msg.len() {
-            log::warn!("request {}: header says {} bytes, got {}", h.unique, h.len, msg.len());
+            log::warn!(
+                "request {}: header says {} bytes, got {}",
+                h.unique,
+                h.len,
+                msg.len()
+            );
             return self.chan.send_error(h.unique, Errno::EINVAL);
         }
         let body = &msg[40..];
-        let req = Request { unique: h.unique, opcode: h.opcode, nodeid: h.nodeid, uid: h.uid, gid: h.gid, pid: h.pid };
+        let req = Request {
+            unique: h.unique,
+            opcode: h.opcode,
+            nodeid: h.nodeid,
+            uid: h.uid,
+            gid: h.gid,
+            pid: h.pid,
+        };
         if h.opcode == FUSE_INIT || h.opcode == CUSE_INIT {
             return self.init(&req, body);
         }
@@ -351,9 +417,16 @@ impl Session {
     }
 
     fn init(&self, req: &Request, body: &[u8]) {
-        let ok = matches!((req.opcode, self.proto), (FUSE_INIT, Protocol::Fuse) | (CUSE_INIT, Protocol::Cuse));
+        let ok = matches!(
+            (req.opcode, self.proto),
+            (FUSE_INIT, Protocol::Fuse) | (CUSE_INIT, Protocol::Cuse)
+        );
         if !ok {
-            log::warn!("INIT opcode {} does not match this channel ({:?})", req.opcode, self.proto);
+            log::warn!(
+                "INIT opcode {} does not match this channel ({:?})",
+                req.opcode,
+                self.proto
+            );
             return self.chan.send_error(req.unique, Errno::EPROTO);
         }
         let Some((inp, rest)) = take::<InitIn>(body) else {
@@ -361,16 +434,28 @@ impl Session {
             return self.chan.send_error(req.unique, Errno::EINVAL);
         };
         if inp.major < FUSE_KERNEL_VERSION {
-            log::error!("kernel FUSE protocol {}.{} is too old", inp.major, inp.minor);
+            log::error!(
+                "kernel FUSE protocol {}.{} is too old",
+                inp.major,
+                inp.minor
+            );
             return self.chan.send_error(req.unique, Errno::EPROTO);
         }
         if inp.major > FUSE_KERNEL_VERSION {
             // The kernel will send INIT again with our major.
-            let out = InitOut { major: FUSE_KERNEL_VERSION, minor: FUSE_KERNEL_MINOR_VERSION, ..Default::default() };
+            let out = InitOut {
+                major: FUSE_KERNEL_VERSION,
+                minor: FUSE_KERNEL_MINOR_VERSION,
+                ..Default::default()
+            };
             return self.chan.send(req.unique, 0, &[out.as_bytes()]);
         }
         if inp.minor < FUSE_MIN_MINOR {
-            log::error!("kernel FUSE protocol 7.{} is older than 7.{}", inp.minor, FUSE_MIN_MINOR);
+            log::error!(
+                "kernel FUSE protocol 7.{} is older than 7.{}",
+                inp.minor,
+                FUSE_MIN_MINOR
+            );
             return self.chan.send_error(req.unique, Errno::EPROTO);
         }
         let minor = inp.minor.min(FUSE_KERNEL_MINOR_VERSION);
@@ -390,7 +475,8 @@ impl Session {
             // on it and an OPEN may reach another worker before this one returns.
             self.fs.init(false);
             self.initialized.store(true, Ordering::Release);
-            self.chan.send(req.unique, 0, &[out.as_bytes(), info.as_bytes()]);
+            self.chan
+                .send(req.unique, 0, &[out.as_bytes(), info.as_bytes()]);
             return;
         }
         let mut kflags = inp.flags as u64;
@@ -444,7 +530,9 @@ impl Session {
             FUSE_BATCH_FORGET => {
                 let (b, mut rest) = take::<BatchForgetIn>(body).ok_or(Errno::EINVAL)?;
                 for _ in 0..b.count {
-                    let Some((one, r)) = take::<ForgetOne>(rest) else { break };
+                    let Some((one, r)) = take::<ForgetOne>(rest) else {
+                        break;
+                    };
                     fs.forget(one.nodeid, one.nlookup);
                     rest = r;
                 }
@@ -461,7 +549,11 @@ impl Session {
             FUSE_OPEN | FUSE_OPENDIR => {
                 let (o, _) = take::<OpenIn>(body).ok_or(Errno::EINVAL)?;
                 let r = fs.open(req, req.nodeid, o.flags)?;
-                let out = OpenOut { fh: r.fh, open_flags: r.open_flags, backing_id: r.backing_id };
+                let out = OpenOut {
+                    fh: r.fh,
+                    open_flags: r.open_flags,
+                    backing_id: r.backing_id,
+                };
                 chan.send(req.unique, 0, &[out.as_bytes()]);
             }
             FUSE_RELEASE | FUSE_RELEASEDIR => {
@@ -480,7 +572,12 @@ impl Session {
                 let entries = fs.readdir(req, req.nodeid)?;
                 let mut out = Vec::new();
                 for (i, (ino, typ, name)) in entries.iter().enumerate().skip(r.offset as usize) {
-                    let d = Dirent { ino: *ino, off: i as u64 + 1, namelen: name.len() as u32, typ: *typ };
+                    let d = Dirent {
+                        ino: *ino,
+                        off: i as u64 + 1,
+                        namelen: name.len() as u32,
+                        typ: *typ,
+                    };
                     let rec = (24 + name.len() + 7) & !7;
                     if out.len() + rec > r.size as usize {
                         break;
@@ -495,7 +592,15 @@ impl Session {
                 let (w, data) = take::<WriteIn>(body).ok_or(Errno::EINVAL)?;
                 let data = data.get(..w.size as usize).ok_or(Errno::EINVAL)?;
                 let n = fs.write(req, w.fh, w.offset, data)?;
-                chan.send(req.unique, 0, &[WriteOut { size: n, padding: 0 }.as_bytes()]);
+                chan.send(
+                    req.unique,
+                    0,
+                    &[WriteOut {
+                        size: n,
+                        padding: 0,
+                    }
+                    .as_bytes()],
+                );
             }
             FUSE_IOCTL => {
                 let (io, data) = take::<IoctlIn>(body).ok_or(Errno::EINVAL)?;
@@ -503,8 +608,18 @@ impl Session {
                 if let Ok(mut m) = chan.inflight.lock() {
                     m.insert(req.unique, Inflight::Running { interrupted: false });
                 }
-                let reply = IoctlReply { chan: Arc::clone(chan), unique: req.unique, answered: false };
-                let args = IoctlArgs { fh: io.fh, flags: io.flags, cmd: io.cmd, arg: io.arg, out_size: io.out_size };
+                let reply = IoctlReply {
+                    chan: Arc::clone(chan),
+                    unique: req.unique,
+                    answered: false,
+                };
+                let args = IoctlArgs {
+                    fh: io.fh,
+                    flags: io.flags,
+                    cmd: io.cmd,
+                    arg: io.arg,
+                    out_size: io.out_size,
+                };
                 fs.ioctl(req, args, in_data, reply);
             }
             FUSE_INTERRUPT => {
@@ -515,10 +630,23 @@ impl Session {
                 let (p, _) = take::<PollIn>(body).ok_or(Errno::EINVAL)?;
                 let kh = (p.flags & FUSE_POLL_SCHEDULE_NOTIFY != 0).then_some(p.kh);
                 let revents = fs.poll(req, p.fh, kh, p.events)?;
-                chan.send(req.unique, 0, &[PollOut { revents, padding: 0 }.as_bytes()]);
+                chan.send(
+                    req.unique,
+                    0,
+                    &[PollOut {
+                        revents,
+                        padding: 0,
+                    }
+                    .as_bytes()],
+                );
             }
             FUSE_STATFS => {
-                let st = Kstatfs { bsize: 4096, frsize: 4096, namelen: 255, ..Default::default() };
+                let st = Kstatfs {
+                    bsize: 4096,
+                    frsize: 4096,
+                    namelen: 255,
+                    ..Default::default()
+                };
                 chan.send(req.unique, 0, &[st.as_bytes()]);
             }
             // ENOSYS makes the kernel stop sending FLUSH on every close (no_flush); that also
@@ -540,7 +668,9 @@ impl Session {
 
     fn interrupt(&self, own_unique: u64, target: u64) {
         let cancel = {
-            let Ok(mut m) = self.chan.inflight.lock() else { return };
+            let Ok(mut m) = self.chan.inflight.lock() else {
+                return;
+            };
             match m.get_mut(&target) {
                 Some(Inflight::Running { interrupted }) => {
                     *interrupted = true;

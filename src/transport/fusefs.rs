@@ -57,7 +57,10 @@ impl FuseFs {
     pub fn new(mux: Arc<Mux>) -> Arc<FuseFs> {
         Arc::new(FuseFs {
             mux,
-            nodes: Mutex::new(Nodes { next: 2, ..Default::default() }),
+            nodes: Mutex::new(Nodes {
+                next: 2,
+                ..Default::default()
+            }),
             chan: Mutex::new(None),
             dev: Mutex::new(None),
             // SAFETY: getuid/getgid cannot fail.
@@ -83,7 +86,10 @@ impl FuseFs {
     fn names(&self) -> Vec<(Name, String)> {
         let mut v = vec![(Name::Kfd, "kfd".to_string())];
         for i in 0..self.mux.device.gpu_count() {
-            v.push((Name::Render(i), format!("renderD{}", self.mux.device.render_minor(i))));
+            v.push((
+                Name::Render(i),
+                format!("renderD{}", self.mux.device.render_minor(i)),
+            ));
         }
         v.push((Name::Stats, "stats".to_string()));
         v
@@ -95,17 +101,33 @@ impl FuseFs {
             Some(Name::Stats) => libc::S_IFREG | 0o444,
             Some(_) => libc::S_IFREG | 0o666,
         };
-        Attr { ino, mode, nlink: 1, uid: self.uid, gid: self.gid, blksize: 4096, ..Default::default() }
+        Attr {
+            ino,
+            mode,
+            nlink: 1,
+            uid: self.uid,
+            gid: self.gid,
+            blksize: 4096,
+            ..Default::default()
+        }
     }
 
     fn node_name(&self, nodeid: u64) -> Result<(Name, u32), Errno> {
         let n = self.nodes.lock().map_err(|_| Errno::EIO)?;
-        n.by_id.get(&nodeid).map(|n| (n.name, n.tgid)).ok_or(Errno::ENOENT)
+        n.by_id
+            .get(&nodeid)
+            .map(|n| (n.name, n.tgid))
+            .ok_or(Errno::ENOENT)
     }
 
     fn caller(req: &Request) -> Result<Caller, Errno> {
         let tgid = tgid_of(req.pid).ok_or(Errno::ESRCH)?;
-        Ok(Caller { pid: req.pid, tgid, uid: req.uid, gid: req.gid })
+        Ok(Caller {
+            pid: req.pid,
+            tgid,
+            uid: req.uid,
+            gid: req.gid,
+        })
     }
 
     /// The passthrough backing id for `nodeid`, opening it on first use.
@@ -151,9 +173,17 @@ impl Filesystem for FuseFs {
             return Err(Errno::ENOENT);
         }
         let name = std::str::from_utf8(name).map_err(|_| Errno::ENOENT)?;
-        let (n, _) = self.names().into_iter().find(|(_, s)| s == name).ok_or(Errno::ENOENT)?;
+        let (n, _) = self
+            .names()
+            .into_iter()
+            .find(|(_, s)| s == name)
+            .ok_or(Errno::ENOENT)?;
         // Stats is shared; device files are per process.
-        let tgid = if n == Name::Stats { 0 } else { Self::caller(req)?.tgid };
+        let tgid = if n == Name::Stats {
+            0
+        } else {
+            Self::caller(req)?.tgid
+        };
         let mut nodes = self.nodes.lock().map_err(|_| Errno::EIO)?;
         let id = match nodes.by_key.get(&(n, tgid)) {
             Some(id) => *id,
@@ -161,7 +191,15 @@ impl Filesystem for FuseFs {
                 let id = nodes.next;
                 nodes.next += 1;
                 nodes.by_key.insert((n, tgid), id);
-                nodes.by_id.insert(id, Node { name: n, tgid, nlookup: 0, backing: None });
+                nodes.by_id.insert(
+                    id,
+                    Node {
+                        name: n,
+                        tgid,
+                        nlookup: 0,
+                        backing: None,
+                    },
+                );
                 id
             }
         };
@@ -169,12 +207,20 @@ impl Filesystem for FuseFs {
             node.nlookup += 1;
         }
         drop(nodes);
-        Ok(EntryOut { nodeid: id, attr: self.attr(id, Some(n)), ..Default::default() })
+        Ok(EntryOut {
+            nodeid: id,
+            attr: self.attr(id, Some(n)),
+            ..Default::default()
+        })
     }
 
     fn forget(&self, nodeid: u64, nlookup: u64) {
-        let Ok(mut nodes) = self.nodes.lock() else { return };
-        let Some(node) = nodes.by_id.get_mut(&nodeid) else { return };
+        let Ok(mut nodes) = self.nodes.lock() else {
+            return;
+        };
+        let Some(node) = nodes.by_id.get_mut(&nodeid) else {
+            return;
+        };
         node.nlookup = node.nlookup.saturating_sub(nlookup);
         if node.nlookup > 0 {
             return;
@@ -190,8 +236,15 @@ impl Filesystem for FuseFs {
     }
 
     fn getattr(&self, _req: &Request, nodeid: u64) -> Result<AttrOut, Errno> {
-        let name = if nodeid == FUSE_ROOT_ID { None } else { Some(self.node_name(nodeid)?.0) };
-        Ok(AttrOut { attr: self.attr(nodeid, name), ..Default::default() })
+        let name = if nodeid == FUSE_ROOT_ID {
+            None
+        } else {
+            Some(self.node_name(nodeid)?.0)
+        };
+        Ok(AttrOut {
+            attr: self.attr(nodeid, name),
+            ..Default::default()
+        })
     }
 
     fn open(&self, req: &Request, nodeid: u64, flags: u32) -> Result<Opened, Errno> {
@@ -200,13 +253,22 @@ impl Filesystem for FuseFs {
         }
         let (name, tgid) = self.node_name(nodeid)?;
         let kind = match name {
-            Name::Stats => return Ok(Opened { fh: STATS_FH, open_flags: FOPEN_DIRECT_IO, backing_id: 0 }),
+            Name::Stats => {
+                return Ok(Opened {
+                    fh: STATS_FH,
+                    open_flags: FOPEN_DIRECT_IO,
+                    backing_id: 0,
+                })
+            }
             Name::Kfd => FileKind::Kfd,
             Name::Render(i) => FileKind::Render(i),
         };
         let caller = Self::caller(req)?;
         if caller.tgid != tgid {
-            log::warn!("pid {} tried to open pid {tgid}'s inode of {name:?}: EACCES", caller.tgid);
+            log::warn!(
+                "pid {} tried to open pid {tgid}'s inode of {name:?}: EACCES",
+                caller.tgid
+            );
             return Err(Errno::EACCES);
         }
         if flags & libc::O_ACCMODE as u32 != libc::O_RDWR as u32 && name == Name::Kfd {
@@ -215,8 +277,16 @@ impl Filesystem for FuseFs {
         let fh = self.mux.open(caller, kind)?;
         match self.backing(nodeid, tgid) {
             // NOFLUSH: closing a dup of a client fd (ACQUIRE_VM's check) must not wait on a FLUSH.
-            Some(id) => Ok(Opened { fh, open_flags: FOPEN_PASSTHROUGH | FOPEN_NOFLUSH, backing_id: id }),
-            None => Ok(Opened { fh, open_flags: FOPEN_DIRECT_IO | FOPEN_NOFLUSH, backing_id: 0 }),
+            Some(id) => Ok(Opened {
+                fh,
+                open_flags: FOPEN_PASSTHROUGH | FOPEN_NOFLUSH,
+                backing_id: id,
+            }),
+            None => Ok(Opened {
+                fh,
+                open_flags: FOPEN_DIRECT_IO | FOPEN_NOFLUSH,
+                backing_id: 0,
+            }),
         }
     }
 
@@ -244,7 +314,15 @@ impl Filesystem for FuseFs {
             // KFD refuses 32-bit callers.
             return reply.error(Errno::EPERM);
         }
-        self.mux.ioctl_restricted(self, req.pid, args.fh, args.cmd, in_data, args.out_size, reply);
+        self.mux.ioctl_restricted(
+            self,
+            req.pid,
+            args.fh,
+            args.cmd,
+            in_data,
+            args.out_size,
+            reply,
+        );
     }
 
     fn poll(&self, _req: &Request, _fh: u64, _kh: Option<u64>, _events: u32) -> Result<u32, Errno> {
@@ -256,7 +334,10 @@ impl Filesystem for FuseFs {
         if nodeid != FUSE_ROOT_ID {
             return Err(Errno::ENOTDIR);
         }
-        let mut v = vec![(1, libc::DT_DIR as u32, b".".to_vec()), (1, libc::DT_DIR as u32, b"..".to_vec())];
+        let mut v = vec![
+            (1, libc::DT_DIR as u32, b".".to_vec()),
+            (1, libc::DT_DIR as u32, b"..".to_vec()),
+        ];
         for (i, (_, s)) in self.names().into_iter().enumerate() {
             v.push((1000 + i as u64, libc::DT_REG as u32, s.into_bytes()));
         }

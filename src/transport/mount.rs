@@ -19,14 +19,27 @@ pub fn mount_fuse(dir: &Path) -> Result<(OwnedFd, u64), String> {
         }
     }
     std::fs::create_dir_all(dir).map_err(|e| format!("creating {d}: {e}"))?;
-    let fuse = OpenOptions::new().read(true).write(true).open("/dev/fuse").map_err(|e| {
-        format!("opening /dev/fuse: {e} (the FUSE transport needs the fuse module and root)")
-    })?;
+    let fuse = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(|e| {
+            format!("opening /dev/fuse: {e} (the FUSE transport needs the fuse module and root)")
+        })?;
     let fd: OwnedFd = fuse.into();
     use std::os::fd::AsRawFd;
-    let opts = format!("fd={},rootmode=40000,user_id=0,group_id=0,allow_other", fd.as_raw_fd());
-    sys::mount("kfdmux", d, "fuse.kfdmux", libc::MS_NOSUID | libc::MS_NODEV, &opts)
-        .map_err(|e: Errno| format!("mounting FUSE on {d}: {e} (needs root / CAP_SYS_ADMIN)"))?;
+    let opts = format!(
+        "fd={},rootmode=40000,user_id=0,group_id=0,allow_other",
+        fd.as_raw_fd()
+    );
+    sys::mount(
+        "kfdmux",
+        d,
+        "fuse.kfdmux",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        &opts,
+    )
+    .map_err(|e: Errno| format!("mounting FUSE on {d}: {e} (needs root / CAP_SYS_ADMIN)"))?;
     // The device number now, from mountinfo (a stat would need INIT to be answered first), so
     // the filesystem knows it before the first client can reach the files.
     Ok((fd, mountinfo_dev(dir).unwrap_or(0)))
@@ -34,8 +47,15 @@ pub fn mount_fuse(dir: &Path) -> Result<(OwnedFd, u64), String> {
 
 /// `st_dev` of the newest kfdmux mount on `dir`, read from `/proc/self/mountinfo`.
 fn mountinfo_dev(dir: &Path) -> Option<u64> {
-    let canon = std::fs::canonicalize(dir.parent()?).ok()?.join(dir.file_name()?);
-    let want = canon.to_str()?.replace('\\', "\\134").replace(' ', "\\040").replace('\t', "\\011").replace('\n', "\\012");
+    let canon = std::fs::canonicalize(dir.parent()?)
+        .ok()?
+        .join(dir.file_name()?);
+    let want = canon
+        .to_str()?
+        .replace('\\', "\\134")
+        .replace(' ', "\\040")
+        .replace('\t', "\\011")
+        .replace('\n', "\\012");
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     info.lines().rev().find_map(|l| {
         let f: Vec<&str> = l.split(' ').collect();

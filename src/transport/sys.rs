@@ -37,10 +37,24 @@ fn cstr(s: &str) -> Result<CString, Errno> {
 }
 
 /// `mount(2)`.
-pub fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> Result<(), Errno> {
+pub fn mount(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> Result<(), Errno> {
     let (src, target, fstype, data) = (cstr(src)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
     // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
-    let r = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data.as_ptr() as *const _) };
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr() as *const _,
+        )
+    };
     if r < 0 {
         Err(Errno::last())
     } else {
