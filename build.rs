@@ -461,6 +461,8 @@ fn ty_expr(g: &mut Gen, t: &FType, ctx: &str) -> (String, String) {
 }
 
 fn main() {
+    #[cfg(feature = "deviceplugin")]
+    deviceplugin_proto();
     println!("cargo:rerun-if-changed=ioctl-defs");
     println!("cargo:rerun-if-changed=build.rs");
     let dir = Path::new("ioctl-defs");
@@ -918,4 +920,18 @@ fn fmt_val(ty: &str, v: i64) -> String {
         }
         _ => unreachable!(),
     }
+}
+
+/// The kubelet device-plugin API (src/deviceplugin/api.proto) → `$OUT_DIR/v1beta1.rs`, with the
+/// protoc binary of the protoc-bin-vendored crate.
+#[cfg(feature = "deviceplugin")]
+fn deviceplugin_proto() {
+    let proto = "src/deviceplugin/api.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    let protoc = protoc_bin_vendored::protoc_bin_path().expect("protoc-bin-vendored: no protoc");
+    // prost-build finds protoc through $PROTOC (set before any thread is started).
+    std::env::set_var("PROTOC", protoc);
+    tonic_prost_build::configure()
+        .compile_protos(&[proto], &["src/deviceplugin"])
+        .unwrap_or_else(|e| panic!("{proto}: {e}"));
 }

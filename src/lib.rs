@@ -10,6 +10,8 @@ pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod device;
+#[cfg(feature = "deviceplugin")]
+pub mod deviceplugin;
 pub mod errno;
 pub mod handover;
 pub mod marshal;

@@ -40,6 +40,10 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CdiCmd,
     },
+    /// Kubernetes device plugin: advertise the configuration's instances to the kubelet as
+    /// resource kfdmux.dev/gpu and answer Allocate with their CDI device names.
+    #[cfg(feature = "deviceplugin")]
+    DevicePlugin(kfdmux::deviceplugin::PluginOptions),
     /// Write the sysfs topology tree of a GPU list (what /sys/devices/virtual/kfd would hold).
     Topology {
         /// GPUs, e.g. `gfx90a:2,gfx1030` (presets: gfx90a, gfx942, gfx1030).
@@ -96,6 +100,8 @@ fn main() -> ExitCode {
         Cmd::Cdi {
             cmd: CdiCmd::Hook(o),
         } => kfdmux::cdi::hook_command(&o),
+        #[cfg(feature = "deviceplugin")]
+        Cmd::DevicePlugin(o) => kfdmux::deviceplugin::run(&o),
         Cmd::Topology { gpus, out } => kfdmux::sysfs::topology_command(&gpus, &out).map(|_| {
             println!("wrote {}", out.join("kfd/topology").display());
             0

@@ -230,3 +230,25 @@ fn rocminfo_over_cuse_with_the_preload_library() {
         "the preset's compute units"
     );
 }
+
+#[test]
+fn checked_in_traces_replay_clean_over_cuse() {
+    if !vm_ok() {
+        return;
+    }
+    let check = root_dir().join("tests/traces/check.ktr");
+    let rocminfo = root_dir().join("tests/traces/rocminfo.ktr");
+    let script = "kfdmux replay /tmp/check.ktr --via cuse; a=$?; kfdmux replay /tmp/rocminfo.ktr --via cuse; b=$?; \
+                  echo replay-status $a $b; [ $a -eq 0 ] && [ $b -eq 0 ]";
+    let (code, text) = vm(
+        script,
+        &[(&check, "/tmp/check.ktr"), (&rocminfo, "/tmp/rocminfo.ktr")],
+        &[],
+    );
+    assert!(
+        text.contains("replay-status 0 0"),
+        "both traces replay clean over CUSE"
+    );
+    assert_eq!(text.matches("via cuse: match").count(), 2);
+    assert_eq!(code, 0);
+}

@@ -648,9 +648,85 @@ struct FuseBackend {
     files: HashMap<u64, (Arc<OwnedFd>, FileKind, u32)>,
     devnull: Option<OwnedFd>,
     userptrs: Userptrs,
+    /// `--via cuse`: the CUSE devices this replay registered (aborted at the end); `mount` is
+    /// then a directory of symlinks to them, shaped like the FUSE mount.
+    cuse_names: Vec<String>,
 }
 
 impl FuseBackend {
+    /// `--via cuse`: the same live stack behind CUSE character devices, in-process.
+    fn new_cuse(device: Arc<SimDevice>) -> Result<FuseBackend, String> {
+        use crate::transport::cuse::{self, CuseEnv, CuseFs};
+        use crate::transport::engine::Session;
+        let dir = std::env::temp_dir().join(format!("kfdmux-replay-cuse.{}", std::process::id()));
+        let links = dir.join("links");
+        std::fs::create_dir_all(&links).map_err(|e| format!("{}: {e}", links.display()))?;
+        let dyn_dev: Arc<dyn Device> = device.clone();
+        let mux = Mux::new(dyn_dev);
+        let env = Arc::new(CuseEnv::default());
+        let base = format!("kfdmux-replay-{}/kfd", std::process::id());
+        let mut names = vec![(base.clone(), FileKind::Kfd, "kfd".to_string())];
+        for i in 0..device.gpu_count() {
+            let m = device.render_minor(i);
+            names.push((
+                cuse::render_devname(&base, m),
+                FileKind::Render(i),
+                format!("renderD{m}"),
+            ));
+        }
+        let mut sessions = Vec::new();
+        for (name, kind, _) in &names {
+            let fd = cuse::open_cuse()?;
+            let fs = Arc::new(CuseFs {
+                mux: mux.clone(),
+                kind: *kind,
+                env: env.clone(),
+            });
+            sessions.push(Session::new_cuse(fd, fs, name));
+        }
+        let runner = std::thread::spawn(move || {
+            let hs: Vec<_> = sessions
+                .into_iter()
+                .map(|s| std::thread::spawn(move || s.run(2)))
+                .collect();
+            for h in hs {
+                let _ = h.join();
+            }
+        });
+        for (name, kind, link) in &names {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let rdev = loop {
+                if let Some(r) = cuse::cuse_rdev(name) {
+                    break r;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("CUSE device {name} did not appear"));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            env.add(rdev, *kind);
+            let node = Path::new("/dev").join(name);
+            while !node.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            std::os::unix::fs::symlink(&node, links.join(link))
+                .map_err(|e| format!("symlink {link}: {e}"))?;
+        }
+        let devnull = std::fs::File::open("/dev/null").ok().map(OwnedFd::from);
+        Ok(FuseBackend {
+            device,
+            mux,
+            dir,
+            mount: links,
+            runner: Some(runner),
+            dev: None,
+            files: HashMap::new(),
+            devnull,
+            userptrs: Userptrs::default(),
+            cuse_names: names.into_iter().map(|(n, _, _)| n).collect(),
+        })
+    }
+
     fn new(device: Arc<SimDevice>) -> Result<FuseBackend, String> {
         use crate::transport::engine::{Protocol, Session};
         use crate::transport::{fusefs::FuseFs, mount};
@@ -687,6 +763,7 @@ impl FuseBackend {
             files: HashMap::new(),
             devnull,
             userptrs: Userptrs::default(),
+            cuse_names: Vec::new(),
         })
     }
 
@@ -818,7 +895,20 @@ impl Backend for FuseBackend {
         for c in ctxs {
             self.release(c);
         }
-        crate::transport::mount::unmount(&self.mount);
+        for n in &self.cuse_names {
+            crate::transport::cuse::abort(n);
+        }
+        if self.cuse_names.is_empty() {
+            crate::transport::mount::unmount(&self.mount);
+        } else {
+            for e in std::fs::read_dir(&self.mount)
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         if let Some(d) = self.dev {
             let _ = std::fs::write(
                 format!("/sys/fs/fuse/connections/{}/abort", libc::minor(d)),
@@ -1189,11 +1279,10 @@ pub fn replay_trace(t: &Trace, o: &ReplayOptions) -> Result<Report, String> {
         }),
         Via::Fuse => Box::new(FuseBackend::new(device)?),
         Via::Cuse => {
-            return Err(if Path::new("/dev/cuse").exists() {
-                "--via cuse is not implemented in this build; use --via fuse or direct".into()
-            } else {
-                "--via cuse needs a kernel with CUSE (/dev/cuse is missing); use --via fuse or direct".into()
-            })
+            if !Path::new("/dev/cuse").exists() {
+                return Err("--via cuse needs a kernel with CUSE (/dev/cuse is missing; try `modprobe cuse`); use --via fuse or direct".into());
+            }
+            Box::new(FuseBackend::new_cuse(device)?)
         }
     };
     let mut maps = Maps::default();
