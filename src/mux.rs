@@ -199,6 +199,23 @@ impl Mux {
         Ok((def, v))
     }
 
+    /// What every ioctl starts with: the opener check, then the hand-over token or the schema
+    /// entry. Refusals are counted and recorded.
+    fn admit(&self, pid: u32, fh: u64, cmd: u32, in_data: &[u8]) -> Result<Admitted, Errno> {
+        self.counters.ioctls_total.fetch_add(1, Ordering::Relaxed);
+        let checked = self.caller_file(fh, pid).and_then(|(file, caller)| {
+            if cmd == crate::handover::KFDMUX_IOC_HANDOVER_TOKEN {
+                return Ok(Admitted::Token(caller));
+            }
+            let (def, variant) = Self::lookup_cmd(file.kind, cmd)?;
+            Ok(Admitted::Call(file, caller, def, variant))
+        });
+        if let Err(e) = &checked {
+            self.rec_refused(fh, pid, cmd, in_data, *e);
+        }
+        checked
+    }
+
     /// A restricted ioctl (FUSE file): `in_data` is the struct the kernel copied in.
     #[allow(clippy::too_many_arguments)]
     pub fn ioctl_restricted(
@@ -211,24 +228,13 @@ impl Mux {
         out_size: u32,
         reply: IoctlReply,
     ) {
-        self.counters.ioctls_total.fetch_add(1, Ordering::Relaxed);
-        let (file, caller) = match self.caller_file(fh, pid) {
-            Ok(x) => x,
-            Err(e) => {
-                self.rec_refused(fh, pid, cmd, in_data, e);
-                return reply.error(e);
+        let (file, caller, def, variant) = match self.admit(pid, fh, cmd, in_data) {
+            Err(e) => return reply.error(e),
+            Ok(Admitted::Token(caller)) => {
+                let token = self.tokens.issue(caller.tgid);
+                return reply.ok(0, &token.to_le_bytes()[..(out_size as usize).min(8)]);
             }
-        };
-        if cmd == crate::handover::KFDMUX_IOC_HANDOVER_TOKEN {
-            let token = self.tokens.issue(caller.tgid);
-            return reply.ok(0, &token.to_le_bytes()[..(out_size as usize).min(8)]);
-        }
-        let (def, variant) = match Self::lookup_cmd(file.kind, cmd) {
-            Ok(x) => x,
-            Err(e) => {
-                self.rec_refused(fh, pid, cmd, in_data, e);
-                return reply.error(e);
-            }
+            Ok(Admitted::Call(f, c, d, v)) => (f, c, d, v),
         };
         let call_size = ioc_size(cmd) as usize;
         let full = variant.arg.map(|a| a.size).unwrap_or(0).max(call_size);
@@ -285,29 +291,18 @@ impl Mux {
         out_size: u32,
         reply: IoctlReply,
     ) {
-        self.counters.ioctls_total.fetch_add(1, Ordering::Relaxed);
-        let (file, caller) = match self.caller_file(fh, pid) {
-            Ok(x) => x,
-            Err(e) => {
-                self.rec_refused(fh, pid, cmd, in_data, e);
-                return reply.error(e);
+        let (file, caller, def, variant) = match self.admit(pid, fh, cmd, in_data) {
+            Err(e) => return reply.error(e),
+            Ok(Admitted::Token(caller)) => {
+                // Unrestricted: the token goes straight to `arg` through one out iovec.
+                if out_size < 8 {
+                    let iov = IoctlIovec { base: arg, len: 8 };
+                    return reply.retry(&[], std::slice::from_ref(&iov));
+                }
+                let token = self.tokens.issue(caller.tgid);
+                return reply.ok(0, &token.to_le_bytes());
             }
-        };
-        if cmd == crate::handover::KFDMUX_IOC_HANDOVER_TOKEN {
-            // Unrestricted: write the token straight to `arg` with one retry-free out iovec.
-            if out_size < 8 {
-                let iov = IoctlIovec { base: arg, len: 8 };
-                return reply.retry(&[], std::slice::from_ref(&iov));
-            }
-            let token = self.tokens.issue(caller.tgid);
-            return reply.ok(0, &token.to_le_bytes());
-        }
-        let (def, variant) = match Self::lookup_cmd(file.kind, cmd) {
-            Ok(x) => x,
-            Err(e) => {
-                self.rec_refused(fh, pid, cmd, in_data, e);
-                return reply.error(e);
-            }
+            Ok(Admitted::Call(f, c, d, v)) => (f, c, d, v),
         };
         let usize_ = ioc_size(cmd) as usize;
         let struct_out = matches!(variant.dir, Dir::Read | Dir::ReadWrite);
@@ -478,6 +473,18 @@ impl Mux {
         }
         s
     }
+}
+
+/// An ioctl past the opener check.
+enum Admitted {
+    /// The kfdmux hand-over token ioctl (no schema entry; answered by the mux).
+    Token(Caller),
+    Call(
+        Arc<OpenFile>,
+        Caller,
+        &'static IoctlDef,
+        &'static crate::abi::table::IoctlVariant,
+    ),
 }
 
 /// Retry rounds one ioctl may take before it is refused (a client racing its own memory).
