@@ -371,8 +371,14 @@ async fn register(kubelet: &Path, resource: &str) -> Result<(), RegisterError> {
     match tokio::time::timeout(limit, RegistrationClient::new(ch).register(req)).await {
         Err(_) => Err(RegisterError::Unreachable("Register timed out".into())),
         Ok(Ok(_)) => Ok(()),
-        // A transport failure is a status too: only an answer from the kubelet is a rejection.
-        Ok(Err(s)) if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown => {
+        // A transport failure is a status too (Unavailable). The kubelet's own refusals are
+        // plain Go errors, which gRPC sends as Unknown: those are rejections.
+        Ok(Err(s))
+            if matches!(
+                s.code(),
+                tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+            ) =>
+        {
             Err(RegisterError::Unreachable(s.message().to_string()))
         }
         Ok(Err(s)) => Err(RegisterError::Rejected(s)),
