@@ -57,7 +57,7 @@ pub struct ServeOptions {
     #[arg(long, value_name = "PATH")]
     pub handover_socket: Option<PathBuf>,
     /// Worker threads reading FUSE requests.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 2)]
     pub threads: usize,
     /// Record every open, ioctl and close into PATH (see docs/trace-format.md;
     /// `kfdmux trace show PATH`, `kfdmux replay PATH`).

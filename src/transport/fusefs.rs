@@ -348,25 +348,18 @@ impl Filesystem for FuseFs {
 impl Env for FuseFs {
     fn file_of_fd(&self, caller: &Caller, fd: i32) -> Result<Option<(FileKind, u32)>, Errno> {
         let file = crate::transport::sys::take_fd(caller.tgid, fd)?;
-        let mut st: libc::stat = unsafe_zeroed_stat();
-        // SAFETY: fstat writes one struct stat into `st`.
-        if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } < 0 {
-            return Err(Errno::last());
-        }
+        // Not fstat: on our own files that sends GETATTR to this daemon and waits for a worker
+        // — with every worker here, a deadlock. The cached identity is all we need.
+        let (st_dev, st_ino) = crate::transport::sys::fd_identity(file.as_raw_fd())?;
         let dev = self.dev.lock().ok().and_then(|d| *d);
-        if dev != Some(st.st_dev) {
+        if dev != Some(st_dev) {
             return Ok(None);
         }
         let nodes = self.nodes.lock().map_err(|_| Errno::EIO)?;
-        Ok(nodes.by_id.get(&st.st_ino).and_then(|n| match n.name {
+        Ok(nodes.by_id.get(&st_ino).and_then(|n| match n.name {
             Name::Kfd => Some((FileKind::Kfd, n.tgid)),
             Name::Render(i) => Some((FileKind::Render(i), n.tgid)),
             Name::Stats => None,
         }))
     }
-}
-
-fn unsafe_zeroed_stat() -> libc::stat {
-    // SAFETY: struct stat is plain old data; all-zero is a valid value.
-    unsafe { std::mem::zeroed() }
 }

@@ -32,6 +32,30 @@ pub fn take_fd(pid: u32, fd: i32) -> Result<OwnedFd, Errno> {
     Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
 }
 
+/// (st_dev, st_ino) of an open fd from the inode's cached attributes: `statx` with
+/// `AT_STATX_DONT_SYNC`, so a FUSE file (possibly our own) is not asked for GETATTR.
+pub fn fd_identity(fd: i32) -> Result<(u64, u64), Errno> {
+    // SAFETY: struct statx is plain old data; all-zero is a valid value.
+    let mut sx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: an empty path with AT_EMPTY_PATH names `fd` itself; statx fills `sx`.
+    let r = unsafe {
+        libc::statx(
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC,
+            libc::STATX_INO,
+            &mut sx,
+        )
+    };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok((
+        libc::makedev(sx.stx_dev_major, sx.stx_dev_minor),
+        sx.stx_ino,
+    ))
+}
+
 fn cstr(s: &str) -> Result<CString, Errno> {
     CString::new(s).map_err(|_| Errno::EINVAL)
 }

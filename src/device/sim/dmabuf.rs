@@ -75,18 +75,18 @@ fn fd_key(pid: u32, fd: u32) -> Result<Key, Errno> {
     if fd > i32::MAX as u32 {
         return Err(Errno::EBADF);
     }
-    match std::fs::metadata(format!("/proc/{pid}/fd/{fd}")) {
-        Ok(m) => Ok((m.dev(), m.ino())),
-        Err(e) => {
-            log::debug!("sim kfd: fd {fd} of {pid}: {e}: EBADF");
-            Err(Errno::EBADF)
-        }
-    }
+    // pidfd_getfd + statx(AT_STATX_DONT_SYNC), not stat of /proc/<pid>/fd/<fd>: if the fd is
+    // one of our own FUSE files, a stat would wait on this daemon's workers (GETATTR).
+    let file = crate::transport::sys::take_fd(pid, fd as i32).map_err(|e| {
+        log::debug!("sim kfd: fd {fd} of {pid}: {e}: EBADF");
+        Errno::EBADF
+    })?;
+    crate::transport::sys::fd_identity(std::os::fd::AsRawFd::as_raw_fd(&file))
 }
 
 /// The caller's fd as one of our dma-bufs (`dma_buf_get` + the amdgpu ops check).
 fn lookup(cx: &Cx, call: &IoctlCall, fd: u32) -> Result<Arc<DmabufObj>, Errno> {
-    let key = fd_key(call.caller.pid, fd)?;
+    let key = fd_key(call.caller.tgid, fd)?;
     cx.shared().dmabufs.get(key).ok_or_else(|| {
         log::debug!("sim kfd: fd {fd} is not a dma-buf of this device: EINVAL");
         Errno::EINVAL
