@@ -234,17 +234,26 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
     let device = crate::device::kernelmode::KernelModeDevice::wrap(device, opts.kernel_mode);
     let device = crate::policy::wrap(device, opts.policy()?);
     let mux = Mux::new(device);
+    let mut recorder = None;
     if let (Some(path), Some(header)) = (&opts.record, header) {
         let rec = crate::trace::Recorder::create(path, &header)
             .map_err(|e| format!("--record {}: {e}", path.display()))?;
-        mux.set_recorder(rec);
+        mux.set_recorder(rec.clone());
+        recorder = Some(rec);
         log::info!("recording every call into {}", path.display());
     }
     let set = block_signals();
-    match opts.transport {
+    let r = match opts.transport {
         Transport::Fuse => serve_fuse(opts, mux, &set),
         Transport::Cuse => serve_cuse(opts, mux, &set),
+    };
+    if let Some(rec) = recorder {
+        // Trim the mapped-ahead zeros (a killed daemon leaves them; readers skip them).
+        if let Err(e) = rec.finish() {
+            log::warn!("trimming the trace file: {e}");
+        }
     }
+    r
 }
 
 /// `serve --device kfd`: the kernel's KFD, forwarded (docs/kfd-device.md).

@@ -2,9 +2,11 @@
 //! decoding it like strace ([`show`]) and replaying it against a device ([`replay`]).
 //!
 //! The file format is specified in `docs/trace-format.md`: a magic, a version and a `key=value`
-//! header, then self-delimiting binary records, each written with one `write(2)` so a daemon
-//! killed at any moment leaves every completed record readable; the reader ignores a torn tail.
+//! header, then self-delimiting binary records, appended through a shared mapping of the file
+//! ([`mapped`]) so a daemon killed at any moment leaves every completed record readable; the
+//! reader stops at the zeros after the data and ignores a torn last record.
 
+pub mod mapped;
 pub mod replay;
 pub mod show;
 
@@ -492,8 +494,16 @@ pub struct Trace {
     pub header: Header,
     /// Records in file (completion) order.
     pub records: Vec<Record>,
-    /// Bytes at the end that did not form a complete record (a write cut short by a crash).
+    /// Bytes at the end that did not form a complete record (a write cut short by a crash),
+    /// not counting the zero-filled space mapped ahead of the data.
     pub torn_tail: usize,
+    /// Where the complete records end (the header and records occupy `[0, data_end)`).
+    pub data_end: usize,
+}
+
+/// Length of `b` without its trailing zero bytes.
+fn trimmed(b: &[u8]) -> usize {
+    b.iter().rposition(|&x| x != 0).map_or(0, |i| i + 1)
 }
 
 impl Trace {
@@ -525,6 +535,11 @@ impl Trace {
             let rest = &b[off..];
             let len = read_uint(rest, 0, 4) as usize;
             let sum = read_uint(rest, 4, 4) as u32;
+            if len == 0 && rest.iter().all(|&x| x == 0) {
+                // The zero-filled space a recorder maps ahead of its data (killed before it
+                // could trim the file): the end of the records.
+                break;
+            }
             if rest.len() < 8 || rest.len() < 8 + len {
                 // A record whose write did not complete: only possible at the very end.
                 torn_tail = rest.len();
@@ -535,8 +550,8 @@ impl Trace {
             }
             let body = &rest[8..8 + len];
             if checksum(body) != sum {
-                if off + 8 + len == b.len() {
-                    torn_tail = rest.len();
+                if b[off + 8 + len..].iter().all(|&x| x == 0) {
+                    torn_tail = trimmed(rest);
                     break;
                 }
                 return Err(format!("record at byte {off}: checksum mismatch"));
@@ -548,6 +563,7 @@ impl Trace {
             header,
             records,
             torn_tail,
+            data_end: off,
         })
     }
 
@@ -563,7 +579,7 @@ impl Trace {
 
 /// Writes records to a trace file, one `write(2)` per record (see the module docs).
 pub struct Recorder {
-    file: Mutex<File>,
+    file: Mutex<mapped::MappedAppender>,
     start: Instant,
     seq: AtomicU64,
     failed: AtomicBool,
@@ -573,12 +589,16 @@ pub struct Recorder {
 impl Recorder {
     /// Creates (truncates) `path` and writes the header.
     pub fn create(path: &Path, header: &Header) -> io::Result<Arc<Recorder>> {
+        // Read as well: a shared writable mapping needs a file opened for both.
         let mut file = std::fs::OpenOptions::new()
+            .read(true)
             .write(true)
             .create(true)
             .truncate(true)
             .open(path)?;
-        file.write_all(&encode_header(header))?;
+        let head = encode_header(header);
+        file.write_all(&head)?;
+        let file = mapped::MappedAppender::new(file, head.len() as u64)?;
         Ok(Arc::new(Recorder {
             file: Mutex::new(file),
             start: Instant::now(),
@@ -586,6 +606,11 @@ impl Recorder {
             failed: AtomicBool::new(false),
             records: AtomicU64::new(0),
         }))
+    }
+
+    /// Trims the file to its records (also done on drop); later records are still appended.
+    pub fn finish(&self) -> io::Result<()> {
+        self.file.lock().unwrap_or_else(|p| p.into_inner()).finish()
     }
 
     /// Records written so far.
@@ -601,12 +626,12 @@ impl Recorder {
         (self.seq.fetch_add(1, Ordering::Relaxed), self.now())
     }
 
-    /// Appends one record (one `write(2)` under the file lock).
+    /// Appends one record (a copy into the mapped file under the lock).
     pub fn write_record(&self, r: &Record) {
         let buf = r.encode();
         let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        // One write per record: a crash loses at most the record in flight.
-        match f.write_all(&buf) {
+        // Appends are serialised: a crash can cut only the last record.
+        match f.append(&[&buf]) {
             Ok(()) => {
                 self.records.fetch_add(1, Ordering::Relaxed);
             }
