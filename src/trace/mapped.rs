@@ -44,8 +44,7 @@ impl MappedAppender {
         self.unmap();
         let page = 4096u64;
         let base = self.end / page * page;
-        let len =
-            (WINDOW.max(need + page as usize) + page as usize - 1) / page as usize * page as usize;
+        let len = WINDOW.max(need + page as usize).div_ceil(page as usize) * page as usize;
         self.file.set_len(base + len as u64)?;
         // SAFETY: mapping `len` bytes of our own file at a page-aligned offset; the file is at
         // least that long (set_len above). The mapping is released in `unmap`.
@@ -85,7 +84,7 @@ impl MappedAppender {
         let mut at = (self.end - self.base) as usize;
         for p in parts {
             // SAFETY: `at + p.len() <= len` (checked above); the source is a live slice that
-            // cannot overlap our private mapping.
+            // cannot overlap our mapping of the file.
             unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), self.ptr.add(at), p.len()) };
             at += p.len();
         }
