@@ -511,9 +511,9 @@ impl DoneSink for CountSink {
             "{}: argument resized",
             call.def.name
         );
-        // Arrays may shrink (the kernel copies out only what it filled) but never grow, and
-        // only the last out array may shrink: the CUSE reply packs out arrays back to back, so
-        // a shorter one before another would shift the next into the wrong client buffer.
+        // Arrays may shrink (the kernel copies out only what it filled) but never grow. A
+        // shrunk out array may be followed by another: the CUSE reply zero-pads it to its
+        // iovec (UnrestrictedDone), so the next one still lands in its own client buffer.
         assert_eq!(
             call.arrays.len(),
             self.array_lens.len(),
@@ -527,15 +527,10 @@ impl DoneSink for CountSink {
             .filter(|(a, _)| a.io.is_out())
             .map(|(a, n)| (a.data.len(), *n))
             .collect();
-        for (i, (now, was)) in outs.iter().enumerate() {
+        for (now, was) in &outs {
             assert!(
                 now <= was,
                 "{}: array grew from {was} to {now} bytes",
-                call.def.name
-            );
-            assert!(
-                now == was || i + 1 == outs.len(),
-                "{}: a shrunk out array is followed by another",
                 call.def.name
             );
         }
