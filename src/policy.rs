@@ -19,7 +19,11 @@ use crate::abi::table::ioc_size;
 use crate::abi::{
     KfdIoctlAllocMemoryOfGpuArgs, KfdIoctlCreateEventArgs, KfdIoctlCreateQueueArgs,
     KfdIoctlDestroyEventArgs, KfdIoctlDestroyQueueArgs, KfdIoctlFreeMemoryOfGpuArgs,
-    KFD_IOC_ALLOC_MEM_FLAGS_GTT, KFD_IOC_ALLOC_MEM_FLAGS_VRAM, KFD_SIGNAL_EVENT_LIMIT,
+    KFD_IOC_ALLOC_MEM_FLAGS_GTT, KFD_IOC_ALLOC_MEM_FLAGS_VRAM, KFD_NR_ALLOC_MEMORY_OF_GPU,
+    KFD_NR_CREATE_EVENT, KFD_NR_CREATE_PROCESS, KFD_NR_CREATE_QUEUE, KFD_NR_CRIU_OP,
+    KFD_NR_CROSS_MEMORY_COPY, KFD_NR_DBG_TRAP, KFD_NR_DBG_TRAP_DEPRECATED, KFD_NR_DESTROY_EVENT,
+    KFD_NR_DESTROY_QUEUE, KFD_NR_FREE_MEMORY_OF_GPU, KFD_NR_MAP_MEMORY_TO_GPU, KFD_NR_SVM,
+    KFD_NR_UNMAP_MEMORY_FROM_GPU, KFD_NR_WAIT_EVENTS, KFD_SIGNAL_EVENT_LIMIT,
 };
 use crate::device::{
     Caller, Device, DeviceContext, Done, DoneSink, Env, FileKind, IoctlCall, IoctlResult,
@@ -481,7 +485,9 @@ pub fn check_bounds(call: &IoctlCall, gpu_count: u32) -> Result<(), Errno> {
     let field = |n: &str| sd.get(&call.arg, n).unwrap_or(0);
     match call.def.nr {
         // MAP/UNMAP_MEMORY_TO_GPU: one id per GPU at most.
-        0x18 | 0x19 if field("n_devices") > gpu_count as u64 => {
+        KFD_NR_MAP_MEMORY_TO_GPU | KFD_NR_UNMAP_MEMORY_FROM_GPU
+            if field("n_devices") > gpu_count as u64 =>
+        {
             log::debug!(
                 "policy: n_devices {} > {gpu_count} GPUs: EINVAL",
                 field("n_devices")
@@ -489,7 +495,7 @@ pub fn check_bounds(call: &IoctlCall, gpu_count: u32) -> Result<(), Errno> {
             Err(Errno::EINVAL)
         }
         // WAIT_EVENTS: a process has at most KFD_SIGNAL_EVENT_LIMIT signal events.
-        0x0C if field("num_events") > KFD_SIGNAL_EVENT_LIMIT as u64 => {
+        KFD_NR_WAIT_EVENTS if field("num_events") > KFD_SIGNAL_EVENT_LIMIT as u64 => {
             log::debug!(
                 "policy: num_events {} > {KFD_SIGNAL_EVENT_LIMIT}: EINVAL",
                 field("num_events")
@@ -497,7 +503,7 @@ pub fn check_bounds(call: &IoctlCall, gpu_count: u32) -> Result<(), Errno> {
             Err(Errno::EINVAL)
         }
         // SVM: the attributes trail the header inside the command's size.
-        0x20 => {
+        KFD_NR_SVM => {
             let carried = (ioc_size(call.cmd) as u64).saturating_sub(sd.size as u64) / 8;
             let n = field("nattr");
             if n > carried || n > MAX_SVM_ATTRS {
@@ -517,10 +523,13 @@ pub fn check_other_process(call: &IoctlCall) -> Result<(), Errno> {
     };
     let nr = call.def.nr;
     // CRIU_OP, DBG_TRAP, DBG_TRAP_DEPRECATED, CROSS_MEMORY_COPY name a target pid.
-    if !matches!(nr, 0x22 | 0x26 | 0x82 | 0x83) {
+    if !matches!(
+        nr,
+        KFD_NR_CRIU_OP | KFD_NR_DBG_TRAP | KFD_NR_DBG_TRAP_DEPRECATED | KFD_NR_CROSS_MEMORY_COPY
+    ) {
         return Ok(());
     }
-    if nr == 0x22 {
+    if nr == KFD_NR_CRIU_OP {
         let caps = process_caps(call.caller.pid);
         let has = |c: u32| caps & (1u64 << c) != 0;
         if !has(CAP_CHECKPOINT_RESTORE) && !has(CAP_SYS_ADMIN) {
@@ -563,8 +572,19 @@ impl PolicyCtx {
         let over = || {
             st.stats.quota_rejects.fetch_add(1, Ordering::Relaxed);
         };
+        // A count quota (queues, events): refuse at the limit, else reserve one until the device
+        // answers.
+        let reserve = |max: Option<u32>, held: usize, pending: &mut u32, what: &str| {
+            if max.is_some_and(|max| held as u64 + *pending as u64 >= max as u64) {
+                over();
+                log::info!("policy: {what} quota reached: ENOSPC");
+                return Err(OVER_COUNT_QUOTA);
+            }
+            *pending += 1;
+            Ok(())
+        };
         Ok(Some(match call.def.nr {
-            0x16 => {
+            KFD_NR_ALLOC_MEMORY_OF_GPU => {
                 let a: KfdIoctlAllocMemoryOfGpuArgs = call.args();
                 let n = charged_bytes(&a);
                 if let Some(max) = q.mem_bytes {
@@ -580,38 +600,26 @@ impl PolicyCtx {
                 l.mem_pending = l.mem_pending.saturating_add(n);
                 Track::Alloc { reserved: n }
             }
-            0x17 => Track::Free {
+            KFD_NR_FREE_MEMORY_OF_GPU => Track::Free {
                 handle: call.args::<KfdIoctlFreeMemoryOfGpuArgs>().handle,
             },
-            0x02 => {
-                if q.queues.is_some_and(|max| {
-                    l.queues.len() as u64 + l.queues_pending as u64 >= max as u64
-                }) {
-                    over();
-                    log::info!("policy: queue quota reached: ENOSPC");
-                    return Err(OVER_COUNT_QUOTA);
-                }
-                l.queues_pending += 1;
+            KFD_NR_CREATE_QUEUE => {
+                let held = l.queues.len();
+                reserve(q.queues, held, &mut l.queues_pending, "queue")?;
                 Track::CreateQueue { reserved: true }
             }
-            0x03 => Track::DestroyQueue {
+            KFD_NR_DESTROY_QUEUE => Track::DestroyQueue {
                 id: call.args::<KfdIoctlDestroyQueueArgs>().queue_id,
             },
-            0x08 => {
-                if q.events.is_some_and(|max| {
-                    l.events.len() as u64 + l.events_pending as u64 >= max as u64
-                }) {
-                    over();
-                    log::info!("policy: event quota reached: ENOSPC");
-                    return Err(OVER_COUNT_QUOTA);
-                }
-                l.events_pending += 1;
+            KFD_NR_CREATE_EVENT => {
+                let held = l.events.len();
+                reserve(q.events, held, &mut l.events_pending, "event")?;
                 Track::CreateEvent { reserved: true }
             }
-            0x09 => Track::DestroyEvent {
+            KFD_NR_DESTROY_EVENT => Track::DestroyEvent {
                 id: call.args::<KfdIoctlDestroyEventArgs>().event_id,
             },
-            0x27 => Track::Reset,
+            KFD_NR_CREATE_PROCESS => Track::Reset,
             _ => return Ok(None),
         }))
     }
