@@ -38,14 +38,7 @@ const NOPID: u32 = 0x3FFF_FFF0;
 /// A kfd context through the policy with every GPU's VM acquired (render fds 10+i).
 fn open_bound(h: &Harness, dev: &PolicyDevice) -> Box<dyn DeviceContext> {
     let ctx = dev.open(&h.caller, FileKind::Kfd).expect("open kfd");
-    for i in 0..h.dev.gpus().len() {
-        h.env.add_render(10 + i as i32, i as u32, 100 + i as u32);
-        let mut a = KfdIoctlAcquireVmArgs {
-            drm_fd: 10 + i as u32,
-            gpu_id: h.gpu_id(i),
-        };
-        assert_eq!(h.io0(&*ctx, AMDKFD_IOC_ACQUIRE_VM, &mut a), Ok(()));
-    }
+    h.acquire_all(&*ctx);
     ctx
 }
 

@@ -27,14 +27,7 @@ const EADDRINUSE: Errno = Errno(libc::EADDRINUSE);
 /// A kfd context with the VM of every GPU acquired (render fds 10+i, file ids 100+i).
 fn setup(h: &Harness) -> Box<dyn DeviceContext> {
     let ctx = h.open_kfd();
-    for i in 0..h.dev.gpus().len() {
-        h.env.add_render(10 + i as i32, i as u32, 100 + i as u32);
-        let mut a = KfdIoctlAcquireVmArgs {
-            drm_fd: 10 + i as u32,
-            gpu_id: h.gpu_id(i),
-        };
-        assert_eq!(h.io0(&*ctx, AMDKFD_IOC_ACQUIRE_VM, &mut a), Ok(()));
-    }
+    h.acquire_all(&*ctx);
     ctx
 }
 

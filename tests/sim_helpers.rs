@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kfdmux::abi::table::{ioc_nr, ioc_size, ioc_type, Kind, DRM_IOC_TYPE};
+use kfdmux::abi::{KfdIoctlAcquireVmArgs, AMDKFD_IOC_ACQUIRE_VM};
 use kfdmux::device::sim::{SimConfig, SimDevice};
 use kfdmux::device::{
     ArrayBuf, Caller, Device, DeviceContext, Done, DoneSink, Env, FileKind, IoctlCall, IoctlResult,
@@ -220,6 +221,18 @@ impl Harness {
         self.dev
             .open(&self.caller, FileKind::Kfd)
             .expect("open kfd")
+    }
+
+    /// ACQUIRE_VM of every GPU on `ctx` with render fds 10+i (file ids 100+i).
+    pub fn acquire_all(&self, ctx: &dyn DeviceContext) {
+        for i in 0..self.dev.gpus().len() {
+            self.env.add_render(10 + i as i32, i as u32, 100 + i as u32);
+            let mut a = KfdIoctlAcquireVmArgs {
+                drm_fd: 10 + i as u32,
+                gpu_id: self.gpu_id(i),
+            };
+            assert_eq!(self.io0(ctx, AMDKFD_IOC_ACQUIRE_VM, &mut a), Ok(()));
+        }
     }
 
     pub fn open_render(&self, i: u32) -> Box<dyn DeviceContext> {

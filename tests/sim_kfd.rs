@@ -22,14 +22,7 @@ const GTT: u32 = KFD_IOC_ALLOC_MEM_FLAGS_GTT | KFD_IOC_ALLOC_MEM_FLAGS_WRITABLE;
 /// Opens a kfd context and acquires the VM of every GPU (render fds 10+i, file ids 100+i).
 fn setup(h: &Harness) -> Box<dyn DeviceContext> {
     let ctx = h.open_kfd();
-    for i in 0..h.dev.gpus().len() {
-        h.env.add_render(10 + i as i32, i as u32, 100 + i as u32);
-        let mut a = KfdIoctlAcquireVmArgs {
-            drm_fd: 10 + i as u32,
-            gpu_id: h.gpu_id(i),
-        };
-        assert_eq!(h.io0(&*ctx, AMDKFD_IOC_ACQUIRE_VM, &mut a), Ok(()));
-    }
+    h.acquire_all(&*ctx);
     ctx
 }
 
