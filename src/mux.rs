@@ -595,6 +595,7 @@ impl DoneSink for RestrictedDone {
         if let Some(r) = rec {
             r.write();
         }
+        marshal::recycle(call.arrays);
     }
 
     fn on_interrupt(&mut self, cancel: Box<dyn FnOnce() + Send>) -> bool {

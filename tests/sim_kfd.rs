@@ -1279,11 +1279,9 @@ fn memory_events_time_out_without_faults() {
         ctx: h.open_kfd(),
     };
     let (_, m) = ev.create(KFD_IOC_EVENT_MEMORY, false, 0);
-    // Nothing signals memory events in the sim: the wait times out and leaves the data alone.
+    // Nothing signals memory events in the sim: the wait times out and leaves the data alone
+    // (the kernel copies event data out only on COMPLETE: nothing is handed back to write).
     let r = h.call(&*ev.ctx, ev.wait_call(&[(m.event_id, 0)], false, 0));
     assert_eq!(r.args::<KfdIoctlWaitEventsArgs>().wait_result, TIMEOUT);
-    assert_eq!(
-        u32::from_le_bytes(r.array("events_ptr")[40..44].try_into().unwrap()),
-        m.event_id
-    );
+    assert!(r.array("events_ptr").is_empty());
 }

@@ -932,11 +932,9 @@ fn cuse_limits_are_e2big_and_the_schema_bound_einval() {
     let Ans::Done(0, out) = k.round(fh, cmd, ARG, &fin, 24 + arr.len as u32) else {
         panic!("full-size round")
     };
-    assert_eq!(out.len(), 24 + arr.len as usize);
-    assert!(
-        out[24..] == evs[..],
-        "the event array goes back as it came (signal events)"
-    );
+    // Only the struct comes back: the kernel writes no event data for signal events waited on
+    // without an age, so the reply leaves the client's array alone.
+    assert_eq!(out.len(), 24);
     let w = KfdIoctlWaitEventsArgs::read_from_bytes(&out[..24]).expect("args");
     assert_eq!(w.wait_result, 0, "KFD_IOC_WAIT_RESULT_COMPLETE");
 

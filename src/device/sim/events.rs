@@ -64,6 +64,9 @@ struct Item {
     /// On the event's wait queue (not activated when the wait began).
     queued: bool,
     age_enabled: bool,
+    /// Its entry is written when it completes activated: a MEMORY or HW_EXCEPTION event, or a
+    /// SIGNAL event waited on with an age (an event's type never changes).
+    copies_out: bool,
 }
 
 struct Waiter {
@@ -85,9 +88,90 @@ pub(crate) enum Outcome {
     Interrupted,
 }
 
+/// Events by id, indexed directly: signal-type ids (`0..SIGNAL_EVENT_LIMIT`) index `signal`,
+/// the others (`FIRST_NONSIGNAL_EVENT_ID + k`) index `other` by `k`. Both id allocators hand out
+/// the lowest free id (as the kernel's IDR does), so each table is only as long as its highest
+/// live id; WAIT_EVENTS looks up every event of every call, which a hashed map made a visible
+/// part of its cost.
+#[derive(Default)]
+pub(crate) struct EventTable {
+    signal: Vec<Option<Event>>,
+    other: Vec<Option<Event>>,
+    len: usize,
+}
+
+impl EventTable {
+    /// The table and index an id lives at (`None` for ids no event can have).
+    fn place(&self, id: u32) -> (bool, usize) {
+        match id.checked_sub(FIRST_NONSIGNAL_EVENT_ID) {
+            Some(k) => (true, k as usize),
+            None => (false, id as usize),
+        }
+    }
+
+    pub fn get(&self, id: u32) -> Option<&Event> {
+        let (hi, i) = self.place(id);
+        let t = if hi { &self.other } else { &self.signal };
+        t.get(i)?.as_ref()
+    }
+
+    pub fn get_mut(&mut self, id: u32) -> Option<&mut Event> {
+        let (hi, i) = self.place(id);
+        let t = if hi {
+            &mut self.other
+        } else {
+            &mut self.signal
+        };
+        t.get_mut(i)?.as_mut()
+    }
+
+    /// Stores `ev` under `id` (an id its allocator just handed out); returns an event the id
+    /// still held, which would be a bookkeeping bug.
+    pub fn insert(&mut self, id: u32, ev: Event) -> Option<Event> {
+        let (hi, i) = self.place(id);
+        let t = if hi {
+            &mut self.other
+        } else {
+            &mut self.signal
+        };
+        if t.len() <= i {
+            t.resize_with(i + 1, || None);
+        }
+        let old = t[i].replace(ev);
+        if old.is_none() {
+            self.len += 1;
+        }
+        old
+    }
+
+    pub fn remove(&mut self, id: u32) -> Option<Event> {
+        let (hi, i) = self.place(id);
+        let t = if hi {
+            &mut self.other
+        } else {
+            &mut self.signal
+        };
+        let ev = t.get_mut(i)?.take()?;
+        self.len -= 1;
+        // Keep the table as long as the highest live id; give memory back once it is mostly
+        // empty (a context that once had thousands of events).
+        while t.last().is_some_and(|e| e.is_none()) {
+            t.pop();
+        }
+        if t.capacity() > 64 && t.capacity() > 4 * t.len() {
+            t.shrink_to_fit();
+        }
+        Some(ev)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct EventState {
-    events: HashMap<u32, Event>,
+    events: EventTable,
     page: Option<SignalPage>,
     /// The events page the sim allocated itself (freed with the context).
     owned_page: Option<SignalPage>,
@@ -95,7 +179,13 @@ pub(crate) struct EventState {
     signal_ids: IdAlloc,
     other_ids: IdAlloc,
     waiters: HashMap<u64, Waiter>,
+    /// The item list of the last wait answered at once, reused by the next one (one allocation
+    /// less per WAIT_EVENTS); only kept while small.
+    scratch: Vec<Item>,
 }
+
+/// The largest item list [`EventState::scratch`] keeps (4 KiB).
+const SCRATCH_ITEMS: usize = 256;
 
 impl EventState {
     /// The handle of the buffer holding the events page (it may not be freed).
@@ -196,7 +286,9 @@ pub(crate) fn create_event(cx: &mut Cx, call: &mut IoctlCall) -> IoctlResult {
         let span = LAST_NONSIGNAL_EVENT_ID - FIRST_NONSIGNAL_EVENT_ID + 1;
         FIRST_NONSIGNAL_EVENT_ID + cx.st.ev.other_ids.alloc(span).ok_or(Errno::ENOSPC)?
     };
-    cx.st.ev.events.insert(id, ev);
+    if cx.st.ev.events.insert(id, ev).is_some() {
+        log::warn!("sim kfd: event id {id} was handed out while still in use");
+    }
     cx.shared().stats.events.fetch_add(1, Ordering::Relaxed);
     a.event_id = id;
     a.event_trigger_data = id;
@@ -205,7 +297,7 @@ pub(crate) fn create_event(cx: &mut Cx, call: &mut IoctlCall) -> IoctlResult {
 }
 
 fn remove_event(cx: &mut Cx, id: u32) -> Option<Event> {
-    let ev = cx.st.ev.events.remove(&id)?;
+    let ev = cx.st.ev.events.remove(id)?;
     if ev.is_signal_type() {
         cx.st.ev.signal_count = cx.st.ev.signal_count.saturating_sub(1);
         cx.st.ev.signal_ids.free(id);
@@ -242,7 +334,7 @@ pub(crate) fn signal(cx: &mut Cx, id: u32) {
         .waiters
         .values()
         .any(|w| w.items.iter().any(|i| i.id == id && i.queued));
-    let Some(ev) = cx.st.ev.events.get_mut(&id) else {
+    let Some(ev) = cx.st.ev.events.get_mut(id) else {
         return;
     };
     // Auto-reset events stay unsignaled when the set wakes someone.
@@ -269,7 +361,7 @@ pub(crate) fn signal(cx: &mut Cx, id: u32) {
 
 pub(crate) fn set_event(cx: &mut Cx, call: &mut IoctlCall) -> IoctlResult {
     let a: KfdIoctlSetEventArgs = call.args();
-    match cx.st.ev.events.get(&a.event_id) {
+    match cx.st.ev.events.get(a.event_id) {
         // Only signal events can be signalled by the CPU.
         Some(ev) if ev.ty == KFD_IOC_EVENT_SIGNAL => {}
         _ => return Err(Errno::EINVAL),
@@ -280,7 +372,7 @@ pub(crate) fn set_event(cx: &mut Cx, call: &mut IoctlCall) -> IoctlResult {
 
 pub(crate) fn reset_event(cx: &mut Cx, call: &mut IoctlCall) -> IoctlResult {
     let a: KfdIoctlResetEventArgs = call.args();
-    match cx.st.ev.events.get_mut(&a.event_id) {
+    match cx.st.ev.events.get_mut(a.event_id) {
         Some(ev) if ev.ty == KFD_IOC_EVENT_SIGNAL => {
             ev.signaled = false;
             Ok(())
@@ -298,17 +390,25 @@ fn satisfied(items: &[Item], all: bool) -> bool {
 }
 
 /// Writes the result of a wait into the call (`copy_signaled_event_data` for COMPLETE).
+///
+/// The kernel writes into the client's event array only for activated events: the
+/// memory-exception data of MEMORY events, the hw-exception data of HW_EXCEPTION events and the
+/// age of SIGNAL events waited on with an age; after a timeout or failure it writes nothing.
+/// The array is cut after the last entry written (to nothing when none is), so the marshaller
+/// copies back no more than that — for the common wait on signal events, nothing at all.
 fn finish_wait(cx: &Cx, items: &[Item], call: &mut IoctlCall, outcome: Outcome) -> IoctlResult {
     let mut a: KfdIoctlWaitEventsArgs = call.args();
+    let mut written = 0;
     let r = match outcome {
         Outcome::Complete => {
             a.wait_result = KFD_IOC_WAIT_RESULT_COMPLETE;
             let esz = std::mem::size_of::<KfdEventData>();
             let events = &cx.st.ev.events;
             if let Some(buf) = call.array_mut("events_ptr") {
-                for (i, it) in items.iter().enumerate().filter(|(_, it)| it.activated) {
+                let writes = |(_, it): &(usize, &Item)| it.activated && it.copies_out;
+                for (i, it) in items.iter().enumerate().filter(writes) {
                     let (Some(ev), Some(dst)) =
-                        (events.get(&it.id), buf.get_mut(i * esz..(i + 1) * esz))
+                        (events.get(it.id), buf.get_mut(i * esz..(i + 1) * esz))
                     else {
                         continue;
                     };
@@ -318,8 +418,9 @@ fn finish_wait(cx: &Cx, items: &[Item], call: &mut IoctlCall, outcome: Outcome) 
                         KFD_IOC_EVENT_SIGNAL if it.age_enabled => {
                             dst[..8].copy_from_slice(&ev.age.to_le_bytes())
                         }
-                        _ => {}
+                        _ => continue,
                     }
+                    written = (i + 1) * esz;
                 }
             }
             Ok(())
@@ -337,6 +438,9 @@ fn finish_wait(cx: &Cx, items: &[Item], call: &mut IoctlCall, outcome: Outcome) 
             Err(Errno::EINTR)
         }
     };
+    if let Some(buf) = call.array_mut("events_ptr") {
+        buf.truncate(written);
+    }
     call.set_args(&a);
     r
 }
@@ -405,19 +509,6 @@ pub(crate) fn wait_events(
     let a: KfdIoctlWaitEventsArgs = call.args();
     let n = a.num_events as usize;
     let esz = std::mem::size_of::<KfdEventData>();
-    let wanted: Vec<(u32, u64)> = match call.array("events_ptr") {
-        Some(b) if b.len() >= n * esz => (0..n)
-            .map(|i| {
-                let e = &b[i * esz..(i + 1) * esz];
-                let id = u32::from_le_bytes([e[40], e[41], e[42], e[43]]);
-                let mut age = [0u8; 8];
-                age.copy_from_slice(&e[..8]);
-                (id, u64::from_le_bytes(age))
-            })
-            .collect(),
-        _ if n == 0 => Vec::new(),
-        _ => return fail(call, done, Errno::EFAULT),
-    };
     let all = a.wait_for_all != 0;
     let timeout = a.timeout;
     let started = Instant::now();
@@ -427,10 +518,22 @@ pub(crate) fn wait_events(
         drop(st);
         return fail(call, done, Errno::EINTR);
     }
+    let wanted: &[u8] = match call.array("events_ptr") {
+        Some(b) if b.len() >= n * esz => &b[..n * esz],
+        _ if n == 0 => &[],
+        _ => {
+            drop(st);
+            return fail(call, done, Errno::EFAULT);
+        }
+    };
     // init_event_waiter for each event; an auto-reset event is consumed as the wait begins.
-    let mut items = Vec::with_capacity(n);
-    for (id, last_age) in wanted {
-        let Some(ev) = st.ev.events.get_mut(&id) else {
+    let mut items = std::mem::take(&mut st.ev.scratch);
+    items.clear();
+    items.reserve(n);
+    for e in wanted.chunks_exact(esz) {
+        let id = u32::from_le_bytes([e[40], e[41], e[42], e[43]]);
+        let last_age = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+        let Some(ev) = st.ev.events.get_mut(id) else {
             drop(st);
             return fail(call, done, Errno::EINVAL);
         };
@@ -440,11 +543,14 @@ pub(crate) fn wait_events(
         if age_enabled && ev.age != last_age {
             activated = true;
         }
+        let copies_out =
+            age_enabled || ev.ty == KFD_IOC_EVENT_MEMORY || ev.ty == KFD_IOC_EVENT_HW_EXCEPTION;
         items.push(Item {
             id,
             activated,
             queued: !activated,
             age_enabled,
+            copies_out,
         });
     }
     let cx = Cx {
@@ -461,6 +567,9 @@ pub(crate) fn wait_events(
             Outcome::Timeout
         };
         let r = finish_wait(&cx, &items, &mut call, outcome);
+        if items.capacity() <= SCRATCH_ITEMS {
+            cx.st.ev.scratch = items;
+        }
         drop(st);
         return done.complete(call, r);
     }
@@ -546,5 +655,59 @@ impl Env for NoFd {
         _: i32,
     ) -> Result<Option<(crate::device::FileKind, u32)>, Errno> {
         Err(Errno::EBADF)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(ty: u32) -> Event {
+        Event {
+            ty,
+            auto_reset: false,
+            signaled: false,
+            age: 1,
+            data: [0; EVENT_DATA_UNION],
+        }
+    }
+
+    #[test]
+    fn event_table_indexes_both_halves_and_gives_memory_back() {
+        let mut t = EventTable::default();
+        for id in 0..1000 {
+            assert!(t.insert(id, ev(KFD_IOC_EVENT_SIGNAL)).is_none());
+        }
+        let hi = FIRST_NONSIGNAL_EVENT_ID + 2;
+        assert!(t.insert(hi, ev(KFD_IOC_EVENT_MEMORY)).is_none());
+        assert_eq!(t.len(), 1001);
+        assert_eq!(t.get(hi).map(|e| e.ty), Some(KFD_IOC_EVENT_MEMORY));
+        // Unknown ids: holes, past either end, the gap between the halves.
+        for id in [
+            hi - 1,
+            hi + 1,
+            1000,
+            4096,
+            FIRST_NONSIGNAL_EVENT_ID - 1,
+            u32::MAX,
+        ] {
+            assert!(t.get(id).is_none(), "{id:#x}");
+            assert!(t.remove(id).is_none(), "{id:#x}");
+        }
+        assert!(
+            t.insert(7, ev(KFD_IOC_EVENT_SIGNAL)).is_some(),
+            "id 7 was live"
+        );
+        assert_eq!(t.len(), 1001);
+        // Removing the highest ids trims the table; a mostly empty one is shrunk.
+        for id in (1..1000).rev() {
+            assert!(t.remove(id).is_some());
+        }
+        assert_eq!(t.len(), 2);
+        assert!(t.signal.len() == 1 && t.signal.capacity() <= 64);
+        assert!(t.get(0).is_some());
+        assert!(t.remove(hi).is_some());
+        assert!(t.other.is_empty());
+        assert_eq!(t.len(), 1);
     }
 }
