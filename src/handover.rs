@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::device::{Caller, Env, FileKind};
 use crate::errno::Errno;
 use crate::mux::{tgid_of, Mux};
 
@@ -57,14 +58,58 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections served at once; more are refused with `EAGAIN`.
 pub const MAX_CONNECTIONS: usize = 64;
 
+/// `_IO('K', 0xF1)`: "this file's opener has the preload library's channel": from now on fds
+/// going out of its ioctls (EXPORT_DMABUF, SMI_EVENTS) are parked for it instead of refused.
+pub const KFDMUX_IOC_FD_CHANNEL: u32 = crate::abi::table::ioc(
+    crate::abi::table::IOC_NONE,
+    crate::abi::table::KFD_IOC_TYPE,
+    0xF1,
+    0,
+);
+
+/// `_IOWR('K', 0xF2, struct { u64 slot_in_token_out; })`: a one-time token for the fd parked in
+/// `slot` (the number an ioctl wrote into its fd field), redeemable on the hand-over socket.
+pub const KFDMUX_IOC_PARKED_TOKEN: u32 = crate::abi::table::ioc(
+    crate::abi::table::IOC_READ | crate::abi::table::IOC_WRITE,
+    crate::abi::table::KFD_IOC_TYPE,
+    0xF2,
+    8,
+);
+
+/// Fds parked for one file and not yet fetched; more are refused with EMFILE.
+pub const MAX_PARKED: usize = 64;
+
+/// What a token hands over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Grant {
+    /// The process's mapping memfd (mmap).
+    Memory,
+    /// The fd parked in `slot` of file `file` (a context id).
+    Parked { file: u64, slot: u32 },
+}
+
+/// The fds parked for one open file.
+#[derive(Default)]
+struct Parking {
+    channel: bool,
+    next: u32,
+    fds: HashMap<u32, (u32, OwnedFd)>,
+}
+
+/// Hand-over tokens and the fds parked for clients of the preload channel.
 #[derive(Default)]
 pub struct Tokens {
-    map: Mutex<HashMap<u64, (u32, Instant)>>,
+    map: Mutex<HashMap<u64, (u32, Instant, Grant)>>,
+    parked: Mutex<HashMap<u64, Parking>>,
 }
 
 impl Tokens {
-    /// A fresh random token bound to `tgid`.
+    /// A fresh random token bound to `tgid` for its memory.
     pub fn issue(&self, tgid: u32) -> u64 {
+        self.issue_grant(tgid, Grant::Memory)
+    }
+
+    fn issue_grant(&self, tgid: u32, grant: Grant) -> u64 {
         let mut t = [0u8; 8];
         // SAFETY: getrandom writes at most 8 bytes into `t`.
         let n = unsafe { libc::getrandom(t.as_mut_ptr() as *mut _, 8, 0) };
@@ -75,17 +120,181 @@ impl Tokens {
         };
         if let Ok(mut m) = self.map.lock() {
             let now = Instant::now();
-            m.retain(|_, (_, at)| now.duration_since(*at) < TOKEN_TTL);
-            m.insert(token, (tgid, now));
+            m.retain(|_, (_, at, _)| now.duration_since(*at) < TOKEN_TTL);
+            m.insert(token, (tgid, now, grant));
         }
         token
     }
 
-    /// Redeems `token`: the tgid it was issued to, once.
+    /// Redeems a memory token: the tgid it was issued to, once.
     pub fn redeem(&self, token: u64) -> Option<u32> {
+        match self.redeem_grant(token)? {
+            (tgid, Grant::Memory) => Some(tgid),
+            _ => None,
+        }
+    }
+
+    /// Redeems any token: its tgid and what it grants, once.
+    pub fn redeem_grant(&self, token: u64) -> Option<(u32, Grant)> {
         let mut m = self.map.lock().ok()?;
-        let (tgid, at) = m.remove(&token)?;
-        (at.elapsed() < TOKEN_TTL).then_some(tgid)
+        let (tgid, at, grant) = m.remove(&token)?;
+        (at.elapsed() < TOKEN_TTL).then_some((tgid, grant))
+    }
+
+    fn parking(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Parking>> {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks file `file` (a context id) as having the preload channel (KFDMUX_IOC_FD_CHANNEL).
+    pub fn enable_channel(&self, file: u64) {
+        self.parking().entry(file).or_default().channel = true;
+    }
+
+    /// Whether fds going out of file `file`'s ioctls can be parked.
+    pub fn channel_on(&self, file: u64) -> bool {
+        self.parking().get(&file).is_some_and(|p| p.channel)
+    }
+
+    /// Parks `fd` for process `tgid` on file `file`; returns the slot the client fetches it by.
+    pub fn park(&self, file: u64, tgid: u32, fd: OwnedFd) -> Result<u32, Errno> {
+        let mut m = self.parking();
+        let p = m.entry(file).or_default();
+        if p.fds.len() >= MAX_PARKED {
+            log::warn!("context {file}: {MAX_PARKED} fds parked and never fetched: EMFILE");
+            return Err(Errno::EMFILE);
+        }
+        // Slots count from 1 and skip those in use (wrap-around after 2^32 parks).
+        loop {
+            p.next = p.next.wrapping_add(1).max(1);
+            if !p.fds.contains_key(&p.next) {
+                break;
+            }
+        }
+        let slot = p.next;
+        p.fds.insert(slot, (tgid, fd));
+        Ok(slot)
+    }
+
+    /// A one-time token for the fd parked in `slot` of `file` for `tgid` (EBADF: none there).
+    pub fn issue_parked(&self, file: u64, tgid: u32, slot: u32) -> Result<u64, Errno> {
+        let parked = self
+            .parking()
+            .get(&file)
+            .and_then(|p| p.fds.get(&slot))
+            .is_some_and(|(t, _)| *t == tgid);
+        if !parked {
+            log::debug!("context {file}: no fd parked in slot {slot} for pid {tgid}: EBADF");
+            return Err(Errno::EBADF);
+        }
+        Ok(self.issue_grant(tgid, Grant::Parked { file, slot }))
+    }
+
+    /// Takes the fd parked in `slot` of `file` for `tgid`.
+    pub fn take_parked(&self, file: u64, tgid: u32, slot: u32) -> Result<OwnedFd, Errno> {
+        let mut m = self.parking();
+        let p = m.get_mut(&file).ok_or(Errno::EBADF)?;
+        match p.fds.get(&slot) {
+            Some((t, _)) if *t == tgid => {}
+            _ => return Err(Errno::EBADF),
+        }
+        p.fds.remove(&slot).map(|(_, fd)| fd).ok_or(Errno::EBADF)
+    }
+
+    /// File `file` was closed: fds parked for it and never fetched are closed.
+    pub fn file_closed(&self, file: u64) {
+        let gone = self.parking().remove(&file);
+        if let Some(p) = gone.filter(|p| !p.fds.is_empty()) {
+            log::info!(
+                "context {file} closed with {} fd(s) parked and never fetched: closed",
+                p.fds.len()
+            );
+        }
+    }
+
+    /// Fds parked and not yet fetched (all files).
+    pub fn parked_count(&self) -> usize {
+        self.parking().values().map(|p| p.fds.len()).sum()
+    }
+}
+
+/// The [`Env`] of one CUSE file's ioctl: fds going out are parked for the preload library when
+/// the file's opener announced the channel (KFDMUX_IOC_FD_CHANNEL), refused otherwise.
+pub struct ParkingEnv<'a> {
+    pub base: &'a dyn Env,
+    pub mux: &'a Mux,
+    /// The file handle of the file (its context id is looked up only when an fd goes out, so
+    /// other ioctls pay nothing).
+    pub fh: u64,
+}
+
+impl ParkingEnv<'_> {
+    fn file(&self) -> u64 {
+        self.mux.file(self.fh).map(|f| f.id).unwrap_or(0)
+    }
+}
+
+impl Env for ParkingEnv<'_> {
+    fn file_of_fd(&self, caller: &Caller, fd: i32) -> Result<Option<(FileKind, u32)>, Errno> {
+        self.base.file_of_fd(caller, fd)
+    }
+
+    fn can_give_fd(&self) -> bool {
+        self.mux.tokens.channel_on(self.file()) || self.base.can_give_fd()
+    }
+
+    fn give_fd(
+        &self,
+        caller: &Caller,
+        file: OwnedFd,
+        cloexec: bool,
+        what: &str,
+    ) -> Result<u32, Errno> {
+        let id = self.file();
+        if !self.mux.tokens.channel_on(id) {
+            return self.base.give_fd(caller, file, cloexec, what);
+        }
+        // The preload library sets FD_CLOEXEC itself from the ioctl's flags: the fd arrives
+        // with it set (MSG_CMSG_CLOEXEC) and is cleared there when the caller did not ask.
+        let slot = self.mux.tokens.park(id, caller.tgid, file)?;
+        log::debug!(
+            "{what}: fd parked in slot {slot} of context {id} for pid {}",
+            caller.tgid
+        );
+        Ok(slot)
+    }
+}
+
+/// Answers the channel's private ioctls (CUSE, file opener only); None for any other command.
+/// `in_data` is the 8-byte slot for [`KFDMUX_IOC_PARKED_TOKEN`].
+pub fn private_ioctl(
+    tokens: &Tokens,
+    file: u64,
+    caller: &Caller,
+    cmd: u32,
+    in_data: &[u8],
+) -> Option<Result<Vec<u8>, Errno>> {
+    match cmd {
+        KFDMUX_IOC_FD_CHANNEL => {
+            tokens.enable_channel(file);
+            log::debug!("context {file}: pid {} has the fd channel", caller.tgid);
+            Some(Ok(Vec::new()))
+        }
+        KFDMUX_IOC_PARKED_TOKEN => {
+            let slot = in_data
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes)
+                .unwrap_or(u64::MAX);
+            let Ok(slot) = u32::try_from(slot) else {
+                return Some(Err(Errno::EBADF));
+            };
+            Some(
+                tokens
+                    .issue_parked(file, caller.tgid, slot)
+                    .map(|t| t.to_le_bytes().to_vec()),
+            )
+        }
+        _ => None,
     }
 }
 
@@ -182,6 +391,12 @@ fn accept_loop(listener: UnixListener, mux: Arc<Mux>) {
     }
 }
 
+/// What a redeemed token hands over: the process's memfd or a parked fd.
+enum Handed {
+    Memory(Arc<dyn crate::device::ProcessMemory>),
+    Parked(OwnedFd),
+}
+
 /// Answers one connection: reads the token, checks it and the peer, replies.
 pub fn serve_connection(mux: &Mux, conn: &UnixStream) {
     let _ = conn.set_read_timeout(Some(READ_TIMEOUT));
@@ -190,12 +405,20 @@ pub fn serve_connection(mux: &Mux, conn: &UnixStream) {
     let result = authorize(mux, conn, peer);
     let (pid, uid) = peer.map(|c| (c.pid, c.uid as i64)).unwrap_or((-1, -1));
     match &result {
-        Ok((tgid, _)) => {
+        Ok((tgid, Handed::Memory(_))) => {
             log::info!("hand-over: memory of pid {tgid} handed to its process (peer pid {pid})")
+        }
+        Ok((tgid, Handed::Parked(_))) => {
+            log::info!(
+                "hand-over: a parked fd of pid {tgid} handed to its process (peer pid {pid})"
+            )
         }
         Err(e) => log::warn!("hand-over refused to peer pid {pid} uid {uid}: {e}"),
     }
-    let fd = result.as_ref().map(|(_, mem)| mem.backing_fd());
+    let fd = result.as_ref().map(|(_, h)| match h {
+        Handed::Memory(mem) => mem.backing_fd(),
+        Handed::Parked(fd) => fd.as_fd(),
+    });
     if let Err(e) = send_reply(conn, fd.map_err(|e| *e)) {
         log::debug!("hand-over: replying to peer pid {pid}: {e}");
     }
@@ -205,7 +428,7 @@ fn authorize(
     mux: &Mux,
     mut conn: &UnixStream,
     peer: Result<libc::ucred, Errno>,
-) -> Result<(u32, Arc<dyn crate::device::ProcessMemory>), Errno> {
+) -> Result<(u32, Handed), Errno> {
     let mut buf = [0u8; 8];
     conn.read_exact(&mut buf).map_err(|e| match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Errno::ETIMEDOUT,
@@ -213,9 +436,9 @@ fn authorize(
     })?;
     let token = u64::from_le_bytes(buf);
     // Redeem before anything can fail: a presented token is spent, also when refused.
-    let owner = mux.tokens.redeem(token);
+    let owner = mux.tokens.redeem_grant(token);
     let peer = peer?;
-    let owner = owner.ok_or(Errno::EACCES)?;
+    let (owner, grant) = owner.ok_or(Errno::EACCES)?;
     let peer_tgid = u32::try_from(peer.pid)
         .ok()
         .filter(|p| *p > 0)
@@ -227,8 +450,13 @@ fn authorize(
         );
         return Err(Errno::EPERM);
     }
-    let mem = mux.device.process_memory(owner)?;
-    Ok((owner, mem))
+    match grant {
+        Grant::Memory => Ok((owner, Handed::Memory(mux.device.process_memory(owner)?))),
+        Grant::Parked { file, slot } => Ok((
+            owner,
+            Handed::Parked(mux.tokens.take_parked(file, owner, slot)?),
+        )),
+    }
 }
 
 /// The socket peer's credentials as the kernel recorded them at connect time.
@@ -419,6 +647,83 @@ mod tests {
         assert_eq!(t.redeem(a), None);
         assert_eq!(t.redeem(b), Some(43));
         assert_eq!(t.redeem(0x1234), None);
+    }
+
+    /// A pipe: (read end, write end).
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        use std::os::fd::FromRawFd;
+        let mut p = [0; 2];
+        // SAFETY: pipe2 writes two new fds into `p`.
+        assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both fds are fresh and ours.
+        unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) }
+    }
+
+    /// Whether a pipe's read end is still open somewhere (its write end polls without POLLERR).
+    fn has_reader(w: &OwnedFd) -> bool {
+        let mut p = libc::pollfd {
+            fd: w.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: polls one pollfd without waiting.
+        unsafe { libc::poll(&mut p, 1, 0) };
+        p.revents & libc::POLLERR == 0
+    }
+
+    #[test]
+    fn parked_fds_go_to_their_process_once_and_die_with_the_file() {
+        let t = Tokens::default();
+        assert!(!t.channel_on(7));
+        t.enable_channel(7);
+        assert!(t.channel_on(7) && !t.channel_on(8));
+        let (r, w) = pipe();
+        let slot = t.park(7, 42, r).expect("park");
+        assert_eq!(
+            t.issue_parked(7, 43, slot),
+            Err(Errno::EBADF),
+            "another process"
+        );
+        assert_eq!(
+            t.issue_parked(8, 42, slot),
+            Err(Errno::EBADF),
+            "another file"
+        );
+        assert_eq!(
+            t.issue_parked(7, 42, slot + 1),
+            Err(Errno::EBADF),
+            "no such slot"
+        );
+        let tok = t.issue_parked(7, 42, slot).expect("token");
+        assert_eq!(t.redeem(tok), None, "a parked-fd token is no memory token");
+        let tok = t.issue_parked(7, 42, slot).expect("token");
+        assert_eq!(
+            t.redeem_grant(tok),
+            Some((42, Grant::Parked { file: 7, slot }))
+        );
+        assert_eq!(t.take_parked(7, 43, slot).err(), Some(Errno::EBADF));
+        let fd = t.take_parked(7, 42, slot).expect("taken once");
+        assert_eq!(t.take_parked(7, 42, slot).err(), Some(Errno::EBADF));
+        drop(fd);
+        // Never fetched: closed when the file closes.
+        let (r2, w2) = pipe();
+        let s2 = t.park(7, 42, r2).expect("park");
+        assert_ne!(s2, slot, "slots are not reused at once");
+        assert_eq!(t.parked_count(), 1);
+        assert!(has_reader(&w2));
+        t.file_closed(7);
+        assert_eq!(t.parked_count(), 0);
+        assert!(!has_reader(&w2), "the parked fd was closed");
+        assert!(!t.channel_on(7));
+        drop(w);
+        // A bound on what one file may hold unfetched.
+        for _ in 0..MAX_PARKED {
+            let (r, _w) = pipe();
+            t.park(9, 1, r).expect("park");
+        }
+        let (r, _w) = pipe();
+        assert_eq!(t.park(9, 1, r).err(), Some(Errno::EMFILE));
+        t.file_closed(9);
     }
 
     #[test]

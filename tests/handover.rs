@@ -411,3 +411,63 @@ fn preload_leaves_ordinary_mappings_alone() {
     // /dev/null was asked for a token (and refused it): the preload noticed and stepped back.
     assert!(out.contains("not a kfdmux file"), "{out}");
 }
+
+/// The fd channel (docs/cuse-mmap.md): an fd parked for this process on a file is handed over
+/// once, for a token from `issue_parked`, as the very file parked; a token for another process
+/// is refused (EPERM) and spends nothing but itself.
+#[test]
+fn parked_fd_is_handed_to_its_process_through_the_socket() {
+    let dir = TempDir::new("kfdmux-handover-parked");
+    let sock = dir.path().join("h.sock");
+    let mux = sim_mux();
+    spawn_server(&sock, mux.clone()).expect("spawn_server");
+    let mut p = [0; 2];
+    // SAFETY: pipe2 writes two new fds into `p`, owned below.
+    assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: fresh fds nobody else owns.
+    let (r, mut w) = unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::os::fd::OwnedFd::from_raw_fd(p[0]),
+            std::fs::File::from_raw_fd(p[1]),
+        )
+    };
+    let want = identity(r.as_fd());
+    mux.tokens.enable_channel(77);
+    let slot = mux.tokens.park(77, my_tgid(), r).expect("park");
+    // Parked for another process: its token is refused to us.
+    let (r2, _w2) = {
+        let mut q = [0; 2];
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::pipe2(q.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: as above.
+        unsafe {
+            use std::os::fd::FromRawFd;
+            (
+                std::os::fd::OwnedFd::from_raw_fd(q[0]),
+                std::os::fd::OwnedFd::from_raw_fd(q[1]),
+            )
+        }
+    };
+    let other = mux.tokens.park(77, 1, r2).expect("park for pid 1");
+    let t_other = mux
+        .tokens
+        .issue_parked(77, 1, other)
+        .expect("token for pid 1");
+    assert_eq!(refusal(request_memfd(&sock, t_other)), Some(libc::EPERM));
+    let token = mux.tokens.issue_parked(77, my_tgid(), slot).expect("token");
+    let got = request_memfd(&sock, token).expect("our parked fd");
+    assert_eq!(identity(got.as_fd()), want, "the very file that was parked");
+    w.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    std::fs::File::from(got).read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"x");
+    assert_eq!(
+        refusal(request_memfd(&sock, token)),
+        Some(libc::EACCES),
+        "one-time"
+    );
+    assert_eq!(mux.tokens.parked_count(), 1, "pid 1's fd is still parked");
+    mux.tokens.file_closed(77);
+    assert_eq!(mux.tokens.parked_count(), 0);
+}

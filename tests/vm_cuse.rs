@@ -8,6 +8,10 @@
 //! - a daemon killed with SIGKILL: clients get ENOTCONN/ENODEV promptly; a restarted daemon
 //!   serves new opens;
 //! - Debian's unmodified rocminfo lists the simulated GPUs over CUSE (with the preload library).
+//! - fds going out of ioctls (EXPORT_DMABUF, SMI_EVENTS) reach a client under the preload
+//!   library — from the sim, and from the kfd device stacked on a CUSE sim (secondary contexts
+//!   and context hosts) — and are refused with EOPNOTSUPP without it; fds parked and never
+//!   fetched are closed with the context (the daemons' /proc fd counts).
 //!
 //! Needs root, qemu (installed by scripts/vm-test) and gcc; skips with a message elsewhere, fails
 //! under CI=true.
@@ -251,4 +255,162 @@ fn checked_in_traces_replay_clean_over_cuse() {
     );
     assert_eq!(text.matches("via cuse: match").count(), 2);
     assert_eq!(code, 0);
+}
+
+/// Waits for a CUSE node (in a VM script).
+fn wait_node(path: &str) -> String {
+    format!("i=0; while [ ! -e {path} ] && [ $i -lt 150 ]; do sleep 0.1; i=$((i+1)); done; ")
+}
+
+/// The fd checks of tests/kfd_fd_client.c against the CUSE nodes `dir/kfd` and
+/// `dir/dri/renderD128`, whose daemon(s) have pids `$pids`: without the preload library,
+/// with it, and parked fds never fetched (fd counts of each daemon before, while parked, after).
+fn fd_checks(tag: &str, dir: &str, pids: &str) -> String {
+    let (k, r) = (format!("{dir}/kfd"), format!("{dir}/dri/renderD128"));
+    format!(
+        "echo '--- {tag} without preload'; kfd_fd_client {k} {r} noch; \
+         echo '--- {tag} with preload'; LD_PRELOAD=/usr/lib/libkfdmux_preload.so KFDMUX_HANDOVER_SOCKET=/run/kfdmux/handover.sock \
+         kfd_fd_client {k} {r} fds; \
+         echo '--- {tag} parked'; rm -f /tmp/ready /tmp/go; \
+         b=''; for p in {pids}; do b=\"$b $(ls /proc/$p/fd | wc -l)\"; done; \
+         kfd_fd_client {k} {r} park 4 /tmp/ready /tmp/go & C=$!; \
+         i=0; while [ ! -e /tmp/ready ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; \
+         m=''; for p in {pids}; do m=\"$m $(ls /proc/$p/fd | wc -l)\"; done; \
+         touch /tmp/go; wait $C; sleep 1; \
+         a=''; for p in {pids}; do a=\"$a $(ls /proc/$p/fd | wc -l)\"; done; \
+         echo \"{tag} fd-counts before$b parked$m after$a\"; "
+    )
+}
+
+/// `before X.. parked Y.. after Z..` of one tag: (before, parked, after) per daemon.
+fn fd_counts(text: &str, tag: &str) -> Vec<(usize, usize, usize)> {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{tag} fd-counts")))
+        .unwrap_or_else(|| panic!("{tag}: no fd-counts line"));
+    let nums = |key: &str, next: &str| -> Vec<usize> {
+        let a = line.split(key).nth(1).unwrap_or("");
+        let a = if next.is_empty() {
+            a
+        } else {
+            a.split(next).next().unwrap_or("")
+        };
+        a.split_whitespace()
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    };
+    let (b, m, a) = (
+        nums(" before", " parked"),
+        nums(" parked", " after"),
+        nums(" after", ""),
+    );
+    assert!(
+        !b.is_empty() && b.len() == m.len() && m.len() == a.len(),
+        "{line}"
+    );
+    b.into_iter()
+        .zip(m)
+        .zip(a)
+        .map(|((b, m), a)| (b, m, a))
+        .collect()
+}
+
+fn section<'a>(text: &'a str, from: &str, to: &str) -> &'a str {
+    let s = text.split(from).nth(1).unwrap_or("");
+    s.split(to).next().unwrap_or(s)
+}
+
+#[test]
+fn fds_going_out_reach_preload_clients_and_are_refused_without() {
+    if !vm_ok() {
+        return;
+    }
+    let t = TempDir::new("vm-fds");
+    let client = t.path().join("kfd_fd_client");
+    build_c("tests/kfd_fd_client.c", &client);
+    let lib = preload_lib();
+    let lower = |mode: &str, minor: &str| {
+        format!(
+            "kfdmux serve --transport cuse --name kfdmux-lower/kfd --gpus gfx90a:1 --kernel-mode {mode} --kfd-minor {minor} \
+             --handover-socket /run/kfdmux/lower.sock --sysfs-out /tmp/lsys 2>/tmp/lower-{mode}.log & L=$!; {}",
+            wait_node("/dev/kfdmux-lower/dri/renderD128")
+        )
+    };
+    // The upper daemon maps and exports through the lower's CUSE nodes: it runs under the
+    // preload library too, talking to the lower's socket.
+    let upper = |mode: &str| {
+        format!(
+            "LD_PRELOAD=/usr/lib/libkfdmux_preload.so KFDMUX_HANDOVER_SOCKET=/run/kfdmux/lower.sock \
+             kfdmux serve --transport cuse --name kfdmux/kfd --device kfd --kfd-path /dev/kfdmux-lower/kfd \
+             --kfd-render-dir /dev/kfdmux-lower/dri --kfd-sysfs /tmp/lsys/kfd 2>/tmp/upper-{mode}.log & U=$!; {}",
+            wait_node("/dev/kfdmux/dri/renderD128")
+        )
+    };
+    let script = format!(
+        "{START_DAEMON} {sim} kill $D; wait $D; \
+         {l1} {u1} {k1} kill $U; wait $U; kill $L; wait $L; \
+         {l2} {u2} {k2} kill $U; wait $U; kill $L; wait $L; \
+         echo '--- logs'; grep -E -h 'EOPNOTSUPP|never fetched|context host pid|secondary contexts via' /tmp/daemon.log /tmp/lower-*.log /tmp/upper-*.log | tail -n 40; exit 0",
+        sim = fd_checks("sim", "/dev/kfdmux", "$D"),
+        l1 = lower("v119", "19"),
+        u1 = upper("v119"),
+        k1 = fd_checks("kfd119", "/dev/kfdmux", "$U $L"),
+        l2 = lower("shared", "14"),
+        u2 = upper("shared"),
+        k2 = fd_checks("kfdhosts", "/dev/kfdmux", "$U $L"),
+    );
+    let (code, text) = vm(
+        &script,
+        &[
+            (&client, "/usr/bin/kfd_fd_client"),
+            (&lib, "/usr/lib/libkfdmux_preload.so"),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0);
+    for tag in ["sim", "kfd119", "kfdhosts"] {
+        let without = section(&text, &format!("--- {tag} without preload"), "---");
+        assert!(
+            without.contains("NO-CHANNEL EOPNOTSUPP"),
+            "{tag}: without the preload library both ioctls give EOPNOTSUPP"
+        );
+        let with = section(&text, &format!("--- {tag} with preload"), "---");
+        assert!(
+            with.contains("FDS OK"),
+            "{tag}: with it the dma-buf fd works in a second context and the SMI fd reads"
+        );
+        assert!(
+            with.contains("info size 8192"),
+            "{tag}: GET_DMABUF_INFO size"
+        );
+        let parked = section(&text, &format!("--- {tag} parked"), "---");
+        assert!(parked.contains("PARKED 5"), "{tag}: 5 fds parked");
+        for (i, (b, m, a)) in fd_counts(&text, tag).into_iter().enumerate() {
+            if i == 0 {
+                assert!(
+                    m >= b + 5,
+                    "{tag}: the serving daemon held the 5 parked fds ({b} -> {m})"
+                );
+            }
+            assert_eq!(
+                a, b,
+                "{tag}: daemon {i}'s fds are back to {b} after the client closed"
+            );
+        }
+    }
+    let logs = text.split("--- logs").nth(1).unwrap_or("");
+    assert!(
+        logs.contains("kfdmux run --transport cuse"),
+        "the refusal names the way out"
+    );
+    assert!(
+        logs.contains("secondary contexts via") && logs.contains("context host pid"),
+        "both ways of making kernel contexts were exercised"
+    );
+    assert!(
+        logs.contains("never fetched"),
+        "parked fds were closed with their context"
+    );
+    // The sim's dma-buf holds the bytes written through the client's mapping (one memfd).
+    assert!(section(&text, "--- sim with preload", "---").contains("dmabuf content same"));
 }

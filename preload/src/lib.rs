@@ -1,4 +1,4 @@
-//! kfdmux-preload: `mmap` for kfdmux's CUSE devices.
+//! kfdmux-preload: `mmap` and outgoing fds for kfdmux's CUSE devices.
 //!
 //! CUSE character devices have no mmap: the kernel answers `mmap()` on them with `ENODEV`. Loaded
 //! with `LD_PRELOAD`, this library exports `mmap`/`mmap64`; when the real `mmap` of a file
@@ -18,6 +18,12 @@
 //! round trip), maps it and closes it. A cached memfd could outlive the daemon's memory object
 //! (closed and reopened device, fork, a second daemon) and then map stale pages silently.
 //!
+//! It also exports `ioctl`, for the two KFD ioctls that return a new fd (SMI_EVENTS,
+//! EXPORT_DMABUF): on a kfdmux CUSE file it first tells the daemon (`KFDMUX_IOC_FD_CHANNEL`) to
+//! park the fd instead of refusing it, issues the call, then trades the parking slot the daemon
+//! wrote into the fd field for a one-time token (`KFDMUX_IOC_PARKED_TOKEN`), fetches the fd over
+//! the same socket and writes its number into the field. Every other ioctl goes straight on.
+//!
 //! `munmap`, `mremap`, `mprotect` and `msync` need no help: the result is an ordinary shared
 //! mapping of a memfd, which the kernel handles like any other, so they are not wrapped.
 //!
@@ -36,6 +42,16 @@ compile_error!("kfdmux-preload supports 64-bit targets only (KFD refuses 32-bit 
 /// `_IOR('K', 0xF0, u64)`: kfdmux's one-time hand-over token for the calling process.
 pub const KFDMUX_IOC_HANDOVER_TOKEN: u32 = (2 << 30) | (8 << 16) | ((b'K' as u32) << 8) | 0xF0;
 
+/// `_IO('K', 0xF1)`: tells kfdmux that this process fetches fds going out of ioctls over the
+/// hand-over socket (the fd channel); any other file refuses it.
+pub const KFDMUX_IOC_FD_CHANNEL: u32 = ((b'K' as u32) << 8) | 0xF1;
+/// `_IOWR('K', 0xF2, u64)`: slot in, one-time token for the fd parked there out.
+pub const KFDMUX_IOC_PARKED_TOKEN: u32 = (3 << 30) | (8 << 16) | ((b'K' as u32) << 8) | 0xF2;
+/// `AMDKFD_IOC_SMI_EVENTS` = `_IOWR('K', 0x1F, {u32 gpuid; u32 anon_fd})`.
+pub const AMDKFD_IOC_SMI_EVENTS: u32 = (3 << 30) | (8 << 16) | ((b'K' as u32) << 8) | 0x1F;
+/// `AMDKFD_IOC_EXPORT_DMABUF` = `_IOWR('K', 0x24, {u64 handle; u32 flags; u32 dmabuf_fd})`.
+pub const AMDKFD_IOC_EXPORT_DMABUF: u32 = (3 << 30) | (16 << 16) | ((b'K' as u32) << 8) | 0x24;
+
 /// Where the daemon listens unless `KFDMUX_HANDOVER_SOCKET` says otherwise.
 const DEFAULT_SOCKET: &[u8] = b"/run/kfdmux/handover.sock";
 /// `sizeof(sockaddr_un.sun_path)`.
@@ -44,6 +60,11 @@ const SUN_PATH_MAX: usize = 108;
 const IO_TIMEOUT_SECS: libc::time_t = 5;
 /// At most this many fds are accepted in one reply (the first is used, the rest closed).
 const MAX_FDS: usize = 4;
+
+type IoctlFn = unsafe extern "C" fn(c_int, libc::c_ulong, *mut c_void) -> c_int;
+
+/// The next `ioctl` in lookup order, once resolved.
+static REAL_IOCTL: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
 
 type MmapFn =
     unsafe extern "C" fn(*mut c_void, usize, c_int, c_int, c_int, libc::off_t) -> *mut c_void;
@@ -204,8 +225,9 @@ impl Drop for Fd {
     }
 }
 
-/// Connects to the daemon, presents `token` and returns the memfd it hands over, or an errno.
-fn fetch_memfd(token: u64) -> Result<c_int, c_int> {
+/// Connects to the daemon, presents `token` and returns the fd it hands over (the memfd, or a
+/// parked fd), or an errno.
+fn fetch_fd(token: u64) -> Result<c_int, c_int> {
     let cfg = config();
     if cfg.socket_len == 0 {
         debug!(
@@ -415,7 +437,7 @@ unsafe fn redirect(
         debug!("fd {fd}: mmap gave ENODEV and the token ioctl errno {}: not a kfdmux file (or not its opener)", errno());
         return enodev();
     }
-    let memfd = match fetch_memfd(token) {
+    let memfd = match fetch_fd(token) {
         Ok(m) => Fd(m),
         Err(e) => {
             set_errno(e);
@@ -434,6 +456,116 @@ unsafe fn redirect(
         debug!("fd {fd}: mapped {len:#x} bytes at offset {off:#x} to {p:p} through the hand-over");
     }
     p
+}
+
+/// `ioctl(2)` as a raw system call (while `dlsym` resolves the real one).
+unsafe extern "C" fn sys_ioctl(fd: c_int, req: libc::c_ulong, arg: *mut c_void) -> c_int {
+    // SAFETY: the caller's arguments go to the kernel unchanged.
+    unsafe { libc::syscall(libc::SYS_ioctl, fd, req, arg) as c_int }
+}
+
+/// The next `ioctl` in symbol lookup order (never this library's own).
+fn next_ioctl() -> IoctlFn {
+    let p = REAL_IOCTL.load(Ordering::Acquire);
+    if !p.is_null() {
+        // SAFETY: only function pointers of `ioctl`'s type are ever stored in REAL_IOCTL.
+        return unsafe { std::mem::transmute::<*mut c_void, IoctlFn>(p) };
+    }
+    // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name; returns NULL or a symbol address.
+    let sym = unsafe { libc::dlsym(libc::RTLD_NEXT, c"ioctl".as_ptr()) };
+    let ours = ioctl as IoctlFn as *mut c_void;
+    let f: IoctlFn = if sym.is_null() || sym == ours {
+        sys_ioctl
+    } else {
+        // SAFETY: `ioctl` in any libc takes (int, unsigned long, ...); the third argument of a
+        // variadic call is passed like a fixed pointer argument on the 64-bit Linux ABIs.
+        unsafe { std::mem::transmute::<*mut c_void, IoctlFn>(sym) }
+    };
+    REAL_IOCTL.store(f as *mut c_void, Ordering::Release);
+    f
+}
+
+/// The second half of SMI_EVENTS / EXPORT_DMABUF on a kfdmux file with the fd channel on: the
+/// daemon wrote a parking slot into the fd field at `off`; fetch the fd parked there and put
+/// its number in the field instead.
+unsafe fn fetch_parked(fd: c_int, arg: *mut u8, off: usize, cloexec: bool) -> c_int {
+    // SAFETY: the caller's argument struct is at least `off + 4` bytes (the cmd's size).
+    let slot = unsafe { std::ptr::read_unaligned(arg.add(off) as *const u32) };
+    let mut t: u64 = slot as u64;
+    // SAFETY: the private ioctl reads and writes 8 bytes at `t`.
+    if unsafe {
+        next_ioctl()(
+            fd,
+            KFDMUX_IOC_PARKED_TOKEN as _,
+            (&mut t as *mut u64).cast(),
+        )
+    } != 0
+    {
+        debug!(
+            "fd {fd}: no token for parked slot {slot}: errno {}",
+            errno()
+        );
+        return -1;
+    }
+    let newfd = match fetch_fd(t) {
+        Ok(f) => f,
+        Err(e) => {
+            // ENODEV: no hand-over socket; the client sees what it would without the channel.
+            set_errno(if e == libc::ENODEV {
+                libc::EOPNOTSUPP
+            } else {
+                e
+            });
+            return -1;
+        }
+    };
+    if !cloexec {
+        // SAFETY: clears FD_CLOEXEC on the fd just received (it arrives with it set).
+        unsafe { libc::fcntl(newfd, libc::F_SETFD, 0) };
+    }
+    // SAFETY: as above: the fd field lies inside the caller's struct.
+    unsafe { std::ptr::write_unaligned(arg.add(off) as *mut u32, newfd as u32) };
+    debug!("fd {fd}: parked slot {slot} fetched as fd {newfd}");
+    0
+}
+
+/// `ioctl(2)`: the real one; for SMI_EVENTS and EXPORT_DMABUF on a kfdmux CUSE file, the fd
+/// the daemon parked is fetched over the hand-over socket and written into the fd field, so
+/// the caller gets a working fd. Every other call costs one comparison.
+///
+/// # Safety
+/// As `ioctl(2)`; declared with a fixed third argument, which is how a variadic call passes it
+/// on the 64-bit Linux ABIs.
+#[no_mangle]
+pub unsafe extern "C" fn ioctl(fd: c_int, req: libc::c_ulong, arg: *mut c_void) -> c_int {
+    let cmd = req as u32;
+    let (off, fixed_cloexec) = match cmd {
+        AMDKFD_IOC_SMI_EVENTS => (4usize, Some(false)),
+        AMDKFD_IOC_EXPORT_DMABUF => (12usize, None),
+        // SAFETY: the caller's arguments, unchanged.
+        _ => return unsafe { next_ioctl()(fd, req, arg) },
+    };
+    let real = next_ioctl();
+    let saved = errno();
+    // Ask the file to park outgoing fds for us; anything but a kfdmux CUSE file refuses.
+    // SAFETY: an argument-less private ioctl.
+    if arg.is_null() || unsafe { real(fd, KFDMUX_IOC_FD_CHANNEL as _, std::ptr::null_mut()) } != 0 {
+        set_errno(saved);
+        // SAFETY: the caller's arguments, unchanged.
+        return unsafe { real(fd, req, arg) };
+    }
+    // SAFETY: the caller's arguments, unchanged.
+    let r = unsafe { real(fd, req, arg) };
+    if r != 0 {
+        return r;
+    }
+    let cloexec = fixed_cloexec.unwrap_or_else(|| {
+        // SAFETY: EXPORT_DMABUF's struct is 16 bytes; flags is the u32 at offset 8.
+        let flags = unsafe { std::ptr::read_unaligned((arg as *const u8).add(8) as *const u32) };
+        flags & libc::O_CLOEXEC as u32 != 0
+    });
+    // SAFETY: `arg` is the caller's struct of the cmd's size.
+    unsafe { fetch_parked(fd, arg.cast(), off, cloexec) }
 }
 
 /// `mmap(2)`: the real one, or — for a kfdmux file that cannot be mapped — its process memfd.
@@ -486,6 +618,34 @@ mod tests {
     #[test]
     fn token_ioctl_number_matches_ior_k_f0_u64() {
         assert_eq!(KFDMUX_IOC_HANDOVER_TOKEN, 0x8008_4BF0);
+        assert_eq!(KFDMUX_IOC_FD_CHANNEL, 0x0000_4BF1);
+        assert_eq!(KFDMUX_IOC_PARKED_TOKEN, 0xC008_4BF2);
+        assert_eq!(AMDKFD_IOC_SMI_EVENTS, 0xC008_4B1F);
+        assert_eq!(AMDKFD_IOC_EXPORT_DMABUF, 0xC010_4B24);
+    }
+
+    #[test]
+    fn other_ioctls_pass_through() {
+        // SAFETY: FIONREAD on a fresh pipe writes one int.
+        unsafe {
+            let mut p = [0; 2];
+            assert_eq!(libc::pipe(p.as_mut_ptr()), 0);
+            let mut n: c_int = -1;
+            assert_eq!(
+                ioctl(p[0], libc::FIONREAD, (&mut n as *mut c_int).cast()),
+                0
+            );
+            assert_eq!(n, 0);
+            // SMI_EVENTS on a pipe: the channel ioctl is refused, the real call too (ENOTTY).
+            let mut a = [0u32; 2];
+            assert_eq!(
+                ioctl(p[0], AMDKFD_IOC_SMI_EVENTS as _, a.as_mut_ptr().cast()),
+                -1
+            );
+            assert_eq!(errno(), libc::ENOTTY);
+            libc::close(p[0]);
+            libc::close(p[1]);
+        }
     }
 
     #[test]

@@ -171,7 +171,33 @@ pub trait Env: Send + Sync {
     /// `Ok(Some(kind))` when it is ours, `Ok(None)` when it is some other file, `Err` (EBADF)
     /// when the fd is not open.
     fn file_of_fd(&self, caller: &Caller, fd: i32) -> Result<Option<(FileKind, u32)>, Errno>;
+
+    /// Whether [`Env::give_fd`] can succeed for this call (lets a device refuse before it
+    /// creates anything).
+    fn can_give_fd(&self) -> bool {
+        false
+    }
+
+    /// Hands a new file to the caller for an fd field going out (EXPORT_DMABUF, SMI_EVENTS):
+    /// returns the number the device writes into that field. Only CUSE with the preload
+    /// library's channel can (see docs/cuse-mmap.md); elsewhere EOPNOTSUPP, and `file` is
+    /// closed. `what` names the ioctl for the log line.
+    fn give_fd(
+        &self,
+        caller: &Caller,
+        file: std::os::fd::OwnedFd,
+        cloexec: bool,
+        what: &str,
+    ) -> Result<u32, Errno> {
+        let _ = (caller, file, cloexec);
+        log::warn!("{what}: {NO_FD_CHANNEL}: EOPNOTSUPP");
+        Err(Errno::EOPNOTSUPP)
+    }
 }
+
+/// Why an fd cannot go out to a client, and the way out (one log line).
+pub const NO_FD_CHANNEL: &str = "the ioctl returns a new fd, which only reaches clients of the \
+     CUSE transport that run with kfdmux's preload library (`kfdmux run --transport cuse` sets it)";
 
 /// The CPU-visible memory of one client process: one memfd per process (see docs/fuse-transport.md).
 /// Offsets handed to the client as `mmap_offset` index into it.

@@ -9,8 +9,10 @@ use std::sync::{Arc, Mutex};
 
 use super::engine::{Filesystem, IoctlArgs, IoctlReply, Opened, Request};
 use super::wire::*;
+use crate::abi::table::{ioc_size, ioc_type, KFD_IOC_TYPE};
 use crate::device::{Caller, Env, FileKind};
 use crate::errno::Errno;
+use crate::handover::{private_ioctl, ParkingEnv, KFDMUX_IOC_FD_CHANNEL, KFDMUX_IOC_PARKED_TOKEN};
 use crate::mux::{tgid_of, Mux};
 
 /// The device numbers of this daemon's CUSE nodes, to recognise them among a client's fds.
@@ -53,6 +55,30 @@ pub struct CuseFs {
     pub env: Arc<CuseEnv>,
 }
 
+impl CuseFs {
+    /// The preload channel's private ioctls (docs/cuse-mmap.md): the opener check as for every
+    /// ioctl, one retry round for the 8-byte slot of KFDMUX_IOC_PARKED_TOKEN.
+    fn channel_ioctl(&self, req: &Request, args: &IoctlArgs, in_data: &[u8], reply: IoctlReply) {
+        let (file, caller) = match self.mux.caller_file(args.fh, req.pid) {
+            Ok(fc) => fc,
+            Err(e) => return reply.error(e),
+        };
+        let size = ioc_size(args.cmd) as usize;
+        if args.flags & FUSE_IOCTL_UNRESTRICTED != 0 && in_data.len() < size {
+            let iov = IoctlIovec {
+                base: args.arg,
+                len: size as u64,
+            };
+            return reply.retry(std::slice::from_ref(&iov), std::slice::from_ref(&iov));
+        }
+        match private_ioctl(&self.mux.tokens, file.id, &caller, args.cmd, in_data) {
+            Some(Ok(out)) => reply.ok(0, &out[..out.len().min(args.out_size as usize)]),
+            Some(Err(e)) => reply.error(e),
+            None => reply.error(Errno::ENOTTY),
+        }
+    }
+}
+
 impl Filesystem for CuseFs {
     fn open(&self, req: &Request, _nodeid: u64, _flags: u32) -> Result<Opened, Errno> {
         let tgid = tgid_of(req.pid).ok_or(Errno::ESRCH)?;
@@ -71,7 +97,12 @@ impl Filesystem for CuseFs {
     }
 
     fn release(&self, _req: &Request, _nodeid: u64, fh: u64) {
+        let id = self.mux.file(fh).map(|f| f.id);
         self.mux.release(fh);
+        // Fds parked for the preload channel and never fetched die with the file.
+        if let Some(id) = id {
+            self.mux.tokens.file_closed(id);
+        }
     }
 
     fn ioctl(&self, req: &Request, args: IoctlArgs, in_data: &[u8], reply: IoctlReply) {
@@ -80,7 +111,19 @@ impl Filesystem for CuseFs {
             log::info!("32-bit ioctl from pid {}: EPERM", req.pid);
             return reply.error(Errno::EPERM);
         }
-        let env: &dyn Env = &*self.env;
+        if ioc_type(args.cmd) == KFD_IOC_TYPE
+            && matches!(args.cmd, KFDMUX_IOC_FD_CHANNEL | KFDMUX_IOC_PARKED_TOKEN)
+        {
+            return self.channel_ioctl(req, &args, in_data, reply);
+        }
+        // Fds going out of this file's ioctls are parked for the preload library, if its
+        // opener announced the channel.
+        let parking = ParkingEnv {
+            base: &*self.env,
+            mux: &self.mux,
+            fh: args.fh,
+        };
+        let env: &dyn Env = &parking;
         if args.flags & FUSE_IOCTL_UNRESTRICTED != 0 {
             self.mux.ioctl_unrestricted(
                 env,

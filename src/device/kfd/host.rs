@@ -9,7 +9,8 @@
 //!
 //! RPC over a SOCK_STREAM socketpair, little-endian frames `u32 len | payload`, fds as
 //! SCM_RIGHTS on the frame: request `u64 id | u8 op | ...`, reply `u64 id | i32 errno | ...`.
-//! Ops: 1 ioctl (`cmd, arg, ptrs, fd fields`), 2 relay (`kernel off, len, shadow off, dir` +
+//! Ops: 1 ioctl (`cmd, arg, ptrs, fd fields, out fd fields`; the reply carries the fds the
+//! kernel returned in out fd fields — SMI_EVENTS, EXPORT_DMABUF — as SCM_RIGHTS), 2 relay (`kernel off, len, shadow off, dir` +
 //! the shadow memfd), 3 unrelay, 4 cancel (interrupts request `id`'s ioctl with a signal).
 
 use std::collections::HashMap;
@@ -178,7 +179,7 @@ fn put_bytes(v: &mut Vec<u8>, b: &[u8]) {
 pub struct HostOwner {
     sock: Arc<OwnedFd>,
     write: Mutex<()>,
-    pending: Arc<Mutex<HashMap<u64, Sender<Vec<u8>>>>>,
+    pending: Arc<Mutex<HashMap<u64, Sender<Frame>>>>,
     next: AtomicU64,
     pid: u32,
 }
@@ -240,15 +241,16 @@ impl HostOwner {
             let _ = c.wait();
         });
         let sock = Arc::new(ours);
-        let pending: Arc<Mutex<HashMap<u64, Sender<Vec<u8>>>>> = Default::default();
+        let pending: Arc<Mutex<HashMap<u64, Sender<Frame>>>> = Default::default();
         let (s, p) = (sock.clone(), pending.clone());
         std::thread::Builder::new()
             .name(format!("kfdmux-host-{pid}"))
             .spawn(move || {
-                while let Ok(Some((payload, _))) = recv_frame(s.as_raw_fd()) {
+                while let Ok(Some((payload, fds))) = recv_frame(s.as_raw_fd()) {
                     let id = Rd(&payload).u64().unwrap_or(0);
                     if let Some(tx) = p.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {
-                        let _ = tx.send(payload);
+                        // Fds of a reply nobody waits for any more are dropped (closed).
+                        let _ = tx.send((payload, fds));
                     }
                 }
                 // EOF: the host died; every waiting call gets EIO (senders dropped).
@@ -275,7 +277,7 @@ impl HostOwner {
         body: &[u8],
         fds: &[RawFd],
         cancel: Option<&CancelToken>,
-    ) -> Result<Vec<u8>, Errno> {
+    ) -> Result<Frame, Errno> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = channel();
         self.pending
@@ -301,8 +303,8 @@ impl HostOwner {
                 let _ = send_frame(sock.as_raw_fd(), &m, &[]);
             }));
         }
-        let reply = rx.recv().map_err(|_| Errno::EIO)?;
-        Ok(reply[8..].to_vec())
+        let (reply, fds) = rx.recv().map_err(|_| Errno::EIO)?;
+        Ok((reply.get(8..).ok_or(Errno::EPROTO)?.to_vec(), fds))
     }
 }
 
@@ -322,11 +324,18 @@ impl Owner for HostOwner {
             b.extend_from_slice(&(*off as u32).to_le_bytes());
             b.extend_from_slice(&(*size as u32).to_le_bytes());
         }
+        b.extend_from_slice(&(req.out_fd_fields.len() as u32).to_le_bytes());
+        for (off, size) in &req.out_fd_fields {
+            b.extend_from_slice(&(*off as u32).to_le_bytes());
+            b.extend_from_slice(&(*size as u32).to_le_bytes());
+        }
         let fds: Vec<RawFd> = req.fds.iter().map(|(_, _, f)| f.as_raw_fd()).collect();
-        let reply = match self.call(OP_IOCTL, &b, &fds, Some(cancel)) {
+        let (reply, got) = match self.call(OP_IOCTL, &b, &fds, Some(cancel)) {
             Ok(r) => r,
             Err(e) => return (req, Err(e)),
         };
+        // The new fds the kernel gave the host, now ours (closed if unused).
+        req.out_fds = got;
         let parse = |req: &mut FwdReq| -> Result<Result<(), Errno>, Errno> {
             let mut r = Rd(&reply);
             let errno = r.u32()? as i32;
@@ -361,7 +370,7 @@ impl Owner for HostOwner {
             b.extend_from_slice(&v.to_le_bytes());
         }
         b.push(matches!(dir, RelayDir::RealToShadow) as u8);
-        let reply = self.call(OP_RELAY, &b, &[shadow.as_fd().as_raw_fd()], None)?;
+        let (reply, _) = self.call(OP_RELAY, &b, &[shadow.as_fd().as_raw_fd()], None)?;
         let mut r = Rd(&reply);
         let errno = r.u32()? as i32;
         if errno != 0 {
@@ -445,11 +454,14 @@ pub fn run(
         std::process::id(),
         kfd_path.display()
     );
-    let reply = |sock: &OwnedFd, write: &Mutex<()>, id: u64, body: &[u8]| {
+    let reply_fds = |sock: &OwnedFd, write: &Mutex<()>, id: u64, body: &[u8], fds: &[RawFd]| {
         let mut m = id.to_le_bytes().to_vec();
         m.extend_from_slice(body);
         let _g = write.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = send_frame(sock.as_raw_fd(), &m, &[]);
+        let _ = send_frame(sock.as_raw_fd(), &m, fds);
+    };
+    let reply = |sock: &OwnedFd, write: &Mutex<()>, id: u64, body: &[u8]| {
+        reply_fds(sock, write, id, body, &[])
     };
     while let Some((payload, mut fds)) =
         recv_frame(sock.as_raw_fd()).map_err(|e| format!("context host: {e}"))?
@@ -482,6 +494,13 @@ pub fn run(
                         let (off, size) = (r.u32()? as usize, r.u32()? as usize);
                         req.fds.push((off, size, it.next().ok_or(Errno::EPROTO)?));
                     }
+                    for _ in 0..r.u32()? {
+                        let (off, size) = (r.u32()? as usize, r.u32()? as usize);
+                        if req.out_fd_fields.len() >= MAX_FDS {
+                            return Err(Errno::EPROTO);
+                        }
+                        req.out_fd_fields.push((off, size));
+                    }
                     Ok(req)
                 })();
                 let (sock2, write2, kfd, cancels) =
@@ -494,6 +513,8 @@ pub fn run(
                 // One thread per call: WAIT_EVENTS blocks only its own.
                 let spawned = std::thread::Builder::new().spawn(move || {
                     let mut body = Vec::new();
+                    // New fds the kernel gave us go back with the reply (and are closed here).
+                    let mut out_fds = Vec::new();
                     match req {
                         Ok(mut req) => {
                             let e = owner::interruptible(&token, || {
@@ -508,6 +529,7 @@ pub fn run(
                             for p in &req.ptrs {
                                 put_bytes(&mut body, &p.data);
                             }
+                            out_fds = std::mem::take(&mut req.out_fds);
                         }
                         Err(e) => body.extend_from_slice(&(e.0 as u32).to_le_bytes()),
                     }
@@ -515,7 +537,8 @@ pub fn run(
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .remove(&id);
-                    reply(&sock2, &write2, id, &body);
+                    let raw: Vec<RawFd> = out_fds.iter().map(|f| f.as_raw_fd()).collect();
+                    reply_fds(&sock2, &write2, id, &body, &raw);
                 });
                 if spawned.is_err() {
                     reply(&sock, &write, id, &(libc::EAGAIN as u32).to_le_bytes());

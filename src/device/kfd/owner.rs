@@ -31,6 +31,10 @@ pub struct FwdReq {
     pub ptrs: Vec<PtrBuf>,
     /// Fd fields: offset, size, and the fd the owner passes in their place.
     pub fds: Vec<(usize, usize, OwnedFd)>,
+    /// Fd fields the kernel fills with a new fd (SMI_EVENTS, EXPORT_DMABUF): offset, size.
+    pub out_fd_fields: Vec<(usize, usize)>,
+    /// After a successful call: the new fds, in `out_fd_fields` order (owned by the daemon).
+    pub out_fds: Vec<OwnedFd>,
 }
 
 /// Issues `req` on `fd` in this process: pointer and fd fields are patched to this process's
@@ -63,6 +67,16 @@ pub fn exec(fd: i32, req: &mut FwdReq) -> Result<(), Errno> {
     let r = unsafe { libc::ioctl(fd, req.cmd as _, p) };
     if r < 0 {
         return Err(Errno::last());
+    }
+    // The kernel installed new fds in this process: own them from here on.
+    for &(off, size) in &req.out_fd_fields {
+        let v = crate::abi::table::read_uint(&req.arg, off, size) as i32;
+        if v < 0 {
+            return Err(Errno::EIO);
+        }
+        // SAFETY: the ioctl succeeded, so the field holds an fd it just installed for us.
+        req.out_fds
+            .push(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(v) });
     }
     Ok(())
 }

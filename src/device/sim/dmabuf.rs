@@ -9,8 +9,10 @@
 //! amdgpu's "not our dma-buf ops" check answer. Inodes cannot be forged: only a holder of the
 //! memfd can pass it on.
 //!
-//! Putting a new fd into the caller needs the transport ([`super::FdInstaller`]); without one
-//! (the FUSE transport: a restricted ioctl cannot install fds) EXPORT answers EOPNOTSUPP.
+//! Putting a new fd into the caller needs the transport: [`crate::device::Env::give_fd`] (CUSE
+//! with the preload library's channel parks the fd for the client to fetch) or a test harness's
+//! [`super::FdInstaller`]; without either (FUSE, or a CUSE client without the preload library)
+//! EXPORT answers EOPNOTSUPP and logs the way out.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -153,12 +155,14 @@ pub(crate) fn export_dmabuf(cx: &mut Cx, call: &mut IoctlCall) -> Result<(), Err
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    let Some(installer) = installer else {
+    // Without the channel, refuse before creating anything (nothing to undo).
+    if installer.is_none() && !cx.env.can_give_fd() {
         log::warn!(
-            "sim kfd: EXPORT_DMABUF: this transport cannot install an fd in the caller: EOPNOTSUPP"
+            "sim kfd: EXPORT_DMABUF: {}: EOPNOTSUPP",
+            crate::device::NO_FD_CHANNEL
         );
         return Err(Errno::EOPNOTSUPP);
-    };
+    }
     // One dma-buf per buffer; a second export hands out another fd of it.
     let obj = match &bo.dmabuf {
         Some(o) => o.clone(),
@@ -173,8 +177,12 @@ pub(crate) fn export_dmabuf(cx: &mut Cx, call: &mut IoctlCall) -> Result<(), Err
     }
     let file = obj.file.try_clone().map_err(|e| Errno::from_io(&e))?;
     let cloexec = a.flags & libc::O_CLOEXEC as u32 != 0;
-    let fd = installer.install(&call.caller, file, cloexec)?;
-    a.dmabuf_fd = fd as u32;
+    a.dmabuf_fd = match installer {
+        Some(i) => i.install(&call.caller, file, cloexec)? as u32,
+        None => cx
+            .env
+            .give_fd(&call.caller, file.into(), cloexec, "sim kfd: EXPORT_DMABUF")?,
+    };
     call.set_args(&a);
     Ok(())
 }

@@ -306,6 +306,7 @@ impl KfdInner {
         free_all(&mut cx);
         let (wake, disarm) = (std::mem::take(&mut cx.wake), std::mem::take(&mut cx.disarm));
         drop(st);
+        self.shared.smi.drop_ctx(self.id);
         self.shared.stats.contexts.fetch_sub(1, Ordering::Relaxed);
         log::debug!(
             "sim kfd ctx {} of pid {} released",
@@ -987,10 +988,25 @@ fn unmap_memory_from_gpu(cx: &mut Cx, call: &mut IoctlCall) -> IoctlResult {
 // ---- queues and the rest -------------------------------------------------------------------
 
 fn smi_events(cx: &mut Cx, call: &mut IoctlCall) -> IoctlResult {
-    let a: KfdIoctlSmiEventsArgs = call.args();
-    cx.pdd_index(a.gpuid)?;
-    log::warn!("sim kfd: SMI_EVENTS is not implemented (cannot create fds in the caller): ENOTTY");
-    Err(Errno::ENOTTY)
+    let mut a: KfdIoctlSmiEventsArgs = call.args();
+    let gi = cx.pdd_index(a.gpuid)?;
+    if !cx.env.can_give_fd() {
+        log::warn!(
+            "sim kfd: SMI_EVENTS: {}: EOPNOTSUPP",
+            crate::device::NO_FD_CHANNEL
+        );
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let fd = cx
+        .shared()
+        .smi
+        .open(cx.inner.id, gi, call.caller.tgid, call.caller.uid)?;
+    // anon_inode_getfd(.., O_RDWR): no close-on-exec.
+    a.anon_fd = cx
+        .env
+        .give_fd(&call.caller, fd, false, "sim kfd: SMI_EVENTS")?;
+    call.set_args(&a);
+    Ok(())
 }
 
 /// The pre-2019 debugger ioctls: mainline keeps the numbers and answers EPERM.

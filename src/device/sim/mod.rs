@@ -14,6 +14,7 @@ pub mod kfd;
 pub mod mem;
 pub mod procmaps;
 pub mod queues;
+pub mod smi;
 pub mod svm;
 pub mod timer;
 
@@ -103,6 +104,8 @@ pub(crate) struct Shared {
     pub dmabufs: dmabuf::Registry,
     /// How an exported dma-buf reaches the caller's fd table (None: it cannot).
     pub fd_installer: Mutex<Option<Arc<dyn FdInstaller>>>,
+    /// SMI event streams (SMI_EVENTS).
+    pub smi: smi::Registry,
 }
 
 /// Puts a file into a client's fd table (EXPORT_DMABUF). Transports that can do that (CUSE with
@@ -235,6 +238,7 @@ impl SimDevice {
             dev_queues,
             dmabufs: dmabuf::Registry::default(),
             fd_installer: Mutex::new(None),
+            smi: smi::Registry::default(),
         });
         Arc::new(SimDevice { shared })
     }
@@ -335,6 +339,7 @@ impl Device for SimDevice {
             ("queues", l(&s.queues)),
             ("svm_ranges", l(&s.svm_ranges)),
             ("dmabufs", self.shared.dmabufs.live()),
+            ("smi_streams", self.shared.smi.live()),
             ("gtt_used", self.shared.gtt_used.load(Ordering::Relaxed)),
         ];
         for (i, a) in self.shared.vram.iter().enumerate() {
