@@ -59,6 +59,16 @@ pub struct ServeOptions {
     /// Worker threads reading FUSE requests.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
+    /// FUSE transport: also carry requests over io_uring (FUSE-over-io_uring, Linux >= 6.14, needs
+    /// `echo Y > /sys/module/fuse/parameters/enable_uring`): one ring queue per CPU, its
+    /// thread pinned there; `--threads` workers still read INIT, INTERRUPT and FORGET from
+    /// /dev/fuse. See docs/fuse-transport.md.
+    #[arg(long)]
+    pub fuse_uring: bool,
+    /// Ring entries each queue registers at start (`--fuse-uring`); a queue adds 16 more
+    /// whenever parked requests leave it fewer than 4, up to 256.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub fuse_uring_depth: u32,
     /// Record every open, ioctl and close into PATH (see docs/trace-format.md;
     /// `kfdmux trace show PATH`, `kfdmux replay PATH`).
     #[arg(long, value_name = "PATH")]
@@ -226,34 +236,11 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
         crate::sysfs::write_amdgpu_module(&sdir.join("module/amdgpu"))
             .map_err(|e| format!("writing {}/module/amdgpu: {e}", sdir.display()))?;
     }
-    let header = opts
-        .record
-        .as_ref()
-        .map(|_| crate::trace::Header::for_sim(&opts.gpus, &gpus, &cfg));
+    let header = crate::trace::Header::for_sim(&opts.gpus, &gpus, &cfg);
     let device: Arc<dyn Device> = SimDevice::new(gpus, cfg);
     let device = crate::device::kernelmode::KernelModeDevice::wrap(device, opts.kernel_mode);
     let device = crate::policy::wrap(device, opts.policy()?);
-    let mux = Mux::new(device);
-    let mut recorder = None;
-    if let (Some(path), Some(header)) = (&opts.record, header) {
-        let rec = crate::trace::Recorder::create(path, &header)
-            .map_err(|e| format!("--record {}: {e}", path.display()))?;
-        mux.set_recorder(rec.clone());
-        recorder = Some(rec);
-        log::info!("recording every call into {}", path.display());
-    }
-    let set = block_signals();
-    let r = match opts.transport {
-        Transport::Fuse => serve_fuse(opts, mux, &set),
-        Transport::Cuse => serve_cuse(opts, mux, &set),
-    };
-    if let Some(rec) = recorder {
-        // Trim the mapped-ahead zeros (a killed daemon leaves them; readers skip them).
-        if let Err(e) = rec.finish() {
-            log::warn!("trimming the trace file: {e}");
-        }
-    }
-    r
+    serve_mux(opts, Mux::new(device), header)
 }
 
 /// `serve --device kfd`: the kernel's KFD, forwarded (docs/kfd-device.md).
@@ -277,14 +264,40 @@ fn serve_kfd(opts: &ServeOptions) -> Result<(), String> {
         let _ = std::fs::remove_dir_all(&sdir);
         kfd.write_sysfs(&sdir)?;
     }
+    let header = crate::trace::Header::for_kfd(kfd.version().1, &kfd.gpu_list());
     let device: Arc<dyn Device> = kfd;
     let device = crate::policy::wrap(device, opts.policy()?);
     let mux = Mux::new(device);
+    serve_mux(opts, mux, header)
+}
+
+/// Starts recording if asked, serves `mux` on the chosen transport until a signal, then trims
+/// the trace.
+fn serve_mux(
+    opts: &ServeOptions,
+    mux: Arc<Mux>,
+    header: crate::trace::Header,
+) -> Result<(), String> {
+    let mut recorder = None;
+    if let Some(path) = &opts.record {
+        let rec = crate::trace::Recorder::create(path, &header)
+            .map_err(|e| format!("--record {}: {e}", path.display()))?;
+        mux.set_recorder(rec.clone());
+        recorder = Some(rec);
+        log::info!("recording every call into {}", path.display());
+    }
     let set = block_signals();
-    match opts.transport {
+    let r = match opts.transport {
         Transport::Fuse => serve_fuse(opts, mux, &set),
         Transport::Cuse => serve_cuse(opts, mux, &set),
+    };
+    if let Some(rec) = recorder {
+        // Trim the mapped-ahead zeros (a killed daemon leaves them; readers skip them).
+        if let Err(e) = rec.finish() {
+            log::warn!("trimming the trace file: {e}");
+        }
     }
+    r
 }
 
 fn serve_cuse(opts: &ServeOptions, mux: Arc<Mux>, set: &libc::sigset_t) -> Result<(), String> {
@@ -357,6 +370,10 @@ fn serve_fuse(opts: &ServeOptions, mux: Arc<Mux>, set: &libc::sigset_t) -> Resul
         crate::handover::spawn_server(p, mux.clone())
             .map_err(|e| format!("hand-over socket {}: {e}", p.display()))?;
     }
+    if opts.fuse_uring {
+        // Before mounting: a kernel without it, or with enable_uring N, is refused up front.
+        crate::transport::uring::preflight()?;
+    }
     let fs = FuseFs::new(mux);
     let (fd, early_dev) = mount::mount_fuse(&mount_dir)?;
     // Known before any worker runs: ACQUIRE_VM recognises our render files by st_dev.
@@ -366,6 +383,21 @@ fn serve_fuse(opts: &ServeOptions, mux: Arc<Mux>, set: &libc::sigset_t) -> Resul
     }
     let session = Session::new(fd, fs.clone(), Protocol::Fuse, true);
     fs.set_channel(session.chan.clone());
+    let uring = if opts.fuse_uring {
+        let uopts = crate::transport::uring::UringOptions {
+            depth: opts.fuse_uring_depth.max(1),
+            ..Default::default()
+        };
+        match crate::transport::uring::enable(&session, uopts) {
+            Ok(rx) => Some(rx),
+            Err(e) => {
+                mount::unmount(&mount_dir);
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
     let runner = {
         let s = session.clone();
         let threads = opts.threads;
@@ -377,6 +409,20 @@ fn serve_fuse(opts: &ServeOptions, mux: Arc<Mux>, set: &libc::sigset_t) -> Resul
             log::warn!("mountinfo said device {early_dev:#x}, stat says {d:#x}; using the latter");
         }
         fs.set_dev(d);
+    }
+    if let Some(rx) = uring {
+        // INIT comes right after the mount; the queues register as soon as it is answered.
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|_| Err("no FUSE INIT within 20 s".to_string()));
+        if let Err(e) = r {
+            mount::unmount(&mount_dir);
+            if let Some(d) = dev {
+                abort_connection(d);
+            }
+            let _ = runner.join();
+            return Err(format!("--fuse-uring: {e}"));
+        }
     }
     log::info!(
         "serving {} on {} (sysfs {:?})",

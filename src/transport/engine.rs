@@ -8,8 +8,8 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -88,6 +88,13 @@ enum Inflight {
     Parked(Box<dyn FnOnce() + Send>),
 }
 
+/// A transport that carries some requests outside `read(/dev/fuse)` and answers them itself
+/// (FUSE-over-io_uring, `super::uring`).
+pub trait RingReply: Send + Sync {
+    /// Sends the reply to `unique` if this transport holds that request; false: not ours.
+    fn try_send(&self, unique: u64, error: i32, parts: &[&[u8]]) -> bool;
+}
+
 /// The write side of a channel, shared by workers and late replies.
 pub struct Channel {
     fd: OwnedFd,
@@ -95,7 +102,20 @@ pub struct Channel {
     passthrough: AtomicBool,
     proto_minor: AtomicU32,
     destroyed: AtomicBool,
+    /// Set when the io_uring queues start (`super::uring`); replies to their requests go there.
+    ring: OnceLock<Arc<dyn RingReply>>,
+    /// Requests read from `/dev/fuse` and requests that arrived in a ring entry (`stats`).
+    pub dev_requests: AtomicU64,
+    pub ring_requests: AtomicU64,
+    /// Ring mode: INTERRUPTs (from /dev/fuse) whose target had not been dispatched yet. The
+    /// kernel cannot requeue them (an EAGAIN reply finds only /dev/fuse requests), so the
+    /// target is marked interrupted when it arrives. Bounded: a target answered before its
+    /// INTERRUPT arrived never comes, and the oldest marks are dropped.
+    early_interrupts: Mutex<std::collections::VecDeque<u64>>,
 }
+
+/// How many early INTERRUPT marks are kept (see `Channel::early_interrupts`).
+const EARLY_INTERRUPTS: usize = 256;
 
 impl Channel {
     pub fn new(fd: OwnedFd) -> Arc<Channel> {
@@ -105,7 +125,42 @@ impl Channel {
             passthrough: AtomicBool::new(false),
             proto_minor: AtomicU32::new(0),
             destroyed: AtomicBool::new(false),
+            ring: OnceLock::new(),
+            dev_requests: AtomicU64::new(0),
+            ring_requests: AtomicU64::new(0),
+            early_interrupts: Mutex::new(std::collections::VecDeque::new()),
         })
+    }
+
+    /// Ring mode: whether an INTERRUPT for `unique` came before the request (and forgets it).
+    fn take_early_interrupt(&self, unique: u64) -> bool {
+        if self.ring.get().is_none() {
+            return false;
+        }
+        let Ok(mut q) = self.early_interrupts.lock() else {
+            return false;
+        };
+        match q.iter().position(|&u| u == unique) {
+            Some(i) => {
+                q.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Routes replies of ring-borne requests to `ring` (once; later calls are ignored).
+    pub fn set_ring(&self, ring: Arc<dyn RingReply>) {
+        let _ = self.ring.set(ring);
+    }
+
+    /// Transport counters for the `stats` file.
+    pub fn transport_stats(&self) -> String {
+        format!(
+            "fuse_dev_requests {}\nfuse_ring_requests {}\n",
+            self.dev_requests.load(Ordering::Relaxed),
+            self.ring_requests.load(Ordering::Relaxed)
+        )
     }
 
     pub fn raw_fd(&self) -> i32 {
@@ -119,6 +174,13 @@ impl Channel {
 
     /// Writes one reply: header + parts, in one `writev` (the kernel needs it whole).
     pub fn send(&self, unique: u64, error: i32, parts: &[&[u8]]) {
+        if unique != 0 {
+            if let Some(r) = self.ring.get() {
+                if r.try_send(unique, error, parts) {
+                    return;
+                }
+            }
+        }
         let len = 16 + parts.iter().map(|p| p.len()).sum::<usize>();
         let hdr = OutHeader {
             len: len as u32,
@@ -302,7 +364,13 @@ pub struct Session {
     /// CUSE: the `DEVNAME` the device registers as (e.g. `kfdmux/kfd`).
     cuse_devname: Option<String>,
     initialized: AtomicBool,
+    /// `request_uring`: offer FUSE_OVER_IO_URING at INIT and tell the hook the outcome.
+    want_uring: AtomicBool,
+    uring_hook: Mutex<Option<UringHook>>,
 }
+
+/// Called once after the FUSE INIT reply is written, with whether io_uring was negotiated.
+pub type UringHook = Box<dyn FnOnce(bool) + Send>;
 
 impl Session {
     pub fn new(
@@ -318,6 +386,8 @@ impl Session {
             want_passthrough,
             cuse_devname: None,
             initialized: AtomicBool::new(false),
+            want_uring: AtomicBool::new(false),
+            uring_hook: Mutex::new(None),
         })
     }
 
@@ -330,7 +400,18 @@ impl Session {
             want_passthrough: false,
             cuse_devname: Some(devname.to_string()),
             initialized: AtomicBool::new(false),
+            want_uring: AtomicBool::new(false),
+            uring_hook: Mutex::new(None),
         })
+    }
+
+    /// Asks for FUSE-over-io_uring at INIT (before `run`); `hook` learns the outcome right
+    /// after the INIT reply, when the kernel accepts ring registrations.
+    pub fn request_uring(&self, hook: UringHook) {
+        if let Ok(mut h) = self.uring_hook.lock() {
+            *h = Some(hook);
+        }
+        self.want_uring.store(true, Ordering::Release);
     }
 
     /// Runs `threads` workers until the channel closes (unmount, abort) or DESTROY.
@@ -370,6 +451,7 @@ impl Session {
             if n == 0 {
                 break;
             }
+            self.chan.dev_requests.fetch_add(1, Ordering::Relaxed);
             self.dispatch(&buf[..n as usize]);
             if self.chan.destroyed.load(Ordering::Relaxed) {
                 break;
@@ -458,7 +540,14 @@ impl Session {
             );
             return self.chan.send_error(req.unique, Errno::EPROTO);
         }
-        let minor = inp.minor.min(FUSE_KERNEL_MINOR_VERSION);
+        let want_uring = self.proto == Protocol::Fuse && self.want_uring.load(Ordering::Acquire);
+        // 7.42 brought FUSE_OVER_IO_URING; without it we stay at our usual newest minor.
+        let our_minor = if want_uring {
+            FUSE_URING_MINOR_VERSION
+        } else {
+            FUSE_KERNEL_MINOR_VERSION
+        };
+        let minor = inp.minor.min(our_minor);
         self.chan.proto_minor.store(minor, Ordering::Relaxed);
         if self.proto == Protocol::Cuse {
             let name = self.cuse_devname.as_deref().unwrap_or("kfdmux");
@@ -490,6 +579,10 @@ impl Session {
         if passthrough {
             want |= FUSE_PASSTHROUGH | FUSE_INIT_EXT;
         }
+        let uring = want_uring && kflags & FUSE_OVER_IO_URING != 0 && minor >= 42;
+        if uring {
+            want |= FUSE_OVER_IO_URING | FUSE_INIT_EXT;
+        }
         let flags = want & kflags;
         let out = InitOut {
             major: FUSE_KERNEL_VERSION,
@@ -512,6 +605,12 @@ impl Session {
         self.fs.init(passthrough);
         self.initialized.store(true, Ordering::Release);
         self.chan.send(req.unique, 0, &[out.as_bytes()]);
+        if want_uring {
+            let hook = self.uring_hook.lock().ok().and_then(|mut h| h.take());
+            if let Some(h) = hook {
+                h(uring);
+            }
+        }
     }
 
     fn handle(&self, req: &Request, body: &[u8]) -> Result<(), Errno> {
@@ -606,7 +705,9 @@ impl Session {
                 let (io, data) = take::<IoctlIn>(body).ok_or(Errno::EINVAL)?;
                 let in_data = data.get(..io.in_size as usize).ok_or(Errno::EINVAL)?;
                 if let Ok(mut m) = chan.inflight.lock() {
-                    m.insert(req.unique, Inflight::Running { interrupted: false });
+                    // Under the inflight lock, as `interrupt` records early ones.
+                    let interrupted = chan.take_early_interrupt(req.unique);
+                    m.insert(req.unique, Inflight::Running { interrupted });
                 }
                 let reply = IoctlReply {
                     chan: Arc::clone(chan),
@@ -684,6 +785,15 @@ impl Session {
                 }
                 None => {
                     // Not seen yet (or already answered): ask the kernel to queue it again.
+                    if self.chan.ring.get().is_some() {
+                        // A ring request may still be on its way to a queue thread.
+                        if let Ok(mut q) = self.chan.early_interrupts.lock() {
+                            if q.len() >= EARLY_INTERRUPTS {
+                                q.pop_front();
+                            }
+                            q.push_back(target);
+                        }
+                    }
                     drop(m);
                     self.chan.send_error(own_unique, Errno::EAGAIN);
                     return;

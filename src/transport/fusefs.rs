@@ -300,7 +300,12 @@ impl Filesystem for FuseFs {
         if fh != STATS_FH {
             return Err(Errno::EINVAL);
         }
-        let text = self.mux.stats_text().into_bytes();
+        let mut text = self.mux.stats_text();
+        if let Some(chan) = self.chan.lock().ok().and_then(|c| c.clone()) {
+            // Which path requests took (`--fuse-uring`: ring vs /dev/fuse).
+            text.push_str(&chan.transport_stats());
+        }
+        let text = text.into_bytes();
         let start = (offset as usize).min(text.len());
         let end = (start + size as usize).min(text.len());
         Ok(text[start..end].to_vec())

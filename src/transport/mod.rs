@@ -5,4 +5,5 @@ pub mod engine;
 pub mod fusefs;
 pub mod mount;
 pub mod sys;
+pub mod uring;
 pub mod wire;

@@ -44,6 +44,10 @@ pub const FUSE_BIG_WRITES: u64 = 1 << 5;
 pub const FUSE_MAX_PAGES: u64 = 1 << 22;
 pub const FUSE_INIT_EXT: u64 = 1 << 30;
 pub const FUSE_PASSTHROUGH: u64 = 1 << 37;
+/// 7.42: requests may travel over io_uring (`super::uring`).
+pub const FUSE_OVER_IO_URING: u64 = 1 << 41;
+/// The minor we speak when FUSE-over-io_uring is asked for.
+pub const FUSE_URING_MINOR_VERSION: u32 = 42;
 
 // OPEN reply flags.
 pub const FOPEN_DIRECT_IO: u32 = 1 << 0;
