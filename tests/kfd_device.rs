@@ -80,34 +80,30 @@ impl Drop for Srv {
 
 /// Lower sim in kernel mode + upper kfd device forwarding to it.
 fn layers(dir: &TempDir, mode: &str, minor: &str) -> (Srv, Srv) {
+    layers_with(dir, mode, minor, "gfx90a:1", &[])
+}
+
+/// [`layers`] with the lower sim's GPUs and `extra` arguments for the upper daemon.
+fn layers_with(dir: &TempDir, mode: &str, minor: &str, gpus: &str, extra: &[&str]) -> (Srv, Srv) {
     let lower = Srv::start(
         dir.path(),
         "L",
-        &[
-            "--gpus",
-            "gfx90a:1",
-            "--kernel-mode",
-            mode,
-            "--kfd-minor",
-            minor,
-        ],
+        &["--gpus", gpus, "--kernel-mode", mode, "--kfd-minor", minor],
     );
     let lk = lower.kfd();
     let lsys = format!("{}.sysfs/kfd", lower.mount.display());
-    let upper = Srv::start(
-        dir.path(),
-        "U",
-        &[
-            "--device",
-            "kfd",
-            "--kfd-path",
-            &lk,
-            "--kfd-sysfs",
-            &lsys,
-            "--doorbell-poll-us",
-            "50",
-        ],
-    );
+    let mut args = vec![
+        "--device",
+        "kfd",
+        "--kfd-path",
+        &lk,
+        "--kfd-sysfs",
+        &lsys,
+        "--doorbell-poll-us",
+        "50",
+    ];
+    args.extend_from_slice(extra);
+    let upper = Srv::start(dir.path(), "U", &args);
     (lower, upper)
 }
 
@@ -187,6 +183,98 @@ fn context_hosts_before_119() {
     check_through(&upper);
     rocminfo_through(&upper);
     assert!(upper.log().contains("context host pid"));
+}
+
+/// `kfdmux replay TRACE ARGS...`: (exit success, stdout).
+fn replay(trace: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(kfdmux_bin())
+        .arg("replay")
+        .arg(trace)
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn record_on_the_kfd_device_and_replay_against_it() {
+    if !prereq() {
+        return;
+    }
+    let dir = TempDir::new("kfdmux-kfdrec");
+    let trace = dir.path().join("upper.ktr");
+    let t = trace.to_string_lossy().into_owned();
+    let (lower, upper) = layers_with(&dir, "v119", "19", "gfx90a:1", &["--record", &t]);
+    check_through(&upper);
+    // SIGTERM: the daemon trims its trace and exits.
+    drop(upper);
+    let show = Command::new(kfdmux_bin())
+        .args(["trace", "show"])
+        .arg(&trace)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(text.contains("# device=kfd"), "{text}");
+    assert!(text.contains("# gpus=gfx90a"), "{text}");
+    assert!(text.contains("ALLOC_MEMORY_OF_GPU({"), "{text}");
+    let lk = lower.kfd();
+    let lsys = format!("{}.sysfs/kfd", lower.mount.display());
+    let kfd_args = ["--device", "kfd", "--kfd-path", &lk, "--kfd-sysfs", &lsys];
+    // Against the device it was recorded on, directly and through a FUSE mount.
+    for via in ["direct", "fuse"] {
+        let mut a = kfd_args.to_vec();
+        a.extend(["--via", via]);
+        let (ok, out) = replay(&trace, &a);
+        assert!(
+            ok && out.contains(": match"),
+            "replay --device kfd --via {via}:\n{out}"
+        );
+    }
+    // The same calls on the sim (the header names its preset and KFD minor).
+    let (ok, out) = replay(&trace, &[]);
+    assert!(ok && out.contains(": match"), "replay --device sim:\n{out}");
+    // A changed kernel is caught: the lower sim claims KFD 1.18 below a 1.19 recording.
+    drop(lower);
+    let (lower, _upper) = layers(&dir, "shared", "18");
+    let lk = lower.kfd();
+    let (ok, out) = replay(
+        &trace,
+        &["--device", "kfd", "--kfd-path", &lk, "--kfd-sysfs", &lsys],
+    );
+    assert!(
+        !ok && out.contains("GET_VERSION")
+            && out.contains("minor_version: recorded 19, replayed 18"),
+        "{out}"
+    );
+}
+
+#[test]
+fn checked_in_traces_replay_on_the_kfd_device() {
+    if !prereq() {
+        return;
+    }
+    let dir = TempDir::new("kfdmux-kfdreplay");
+    // Both were recorded on the sim with two gfx90a, KFD 1.14 (context hosts below 1.19).
+    let (lower, _upper) = layers_with(&dir, "shared", "14", "gfx90a:2", &[]);
+    let lk = lower.kfd();
+    let lsys = format!("{}.sysfs/kfd", lower.mount.display());
+    let traces = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/traces");
+    let args = ["--device", "kfd", "--kfd-path", &lk, "--kfd-sysfs", &lsys];
+    let (ok, out) = replay(&traces.join("check.ktr"), &args);
+    assert!(ok && out.contains(": match"), "check.ktr:\n{out}");
+    // rocminfo was recorded with USERPTR host allocations, which forwarded contexts refuse
+    // (docs/kfd-device.md): replay reports exactly that, first.
+    let (ok, out) = replay(&traces.join("rocminfo.ktr"), &args);
+    let first = out.lines().find(|l| l.starts_with("DIFF")).unwrap_or("");
+    assert!(
+        !ok && first.ends_with("ALLOC_MEMORY_OF_GPU: errno: recorded 0, replayed EOPNOTSUPP"),
+        "rocminfo.ktr:\n{out}"
+    );
 }
 
 #[test]
@@ -421,4 +509,72 @@ fn doorbell_write_reaches_hardware_and_offsets_stay_ours() {
         stats.get("relay_words").copied().unwrap_or(0) >= 1,
         "{stats:?}"
     );
+}
+
+/// Open fds of process `pid`.
+fn fd_count(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Builds tests/kfd_fd_client.c into `dir`.
+fn fd_client(dir: &Path) -> PathBuf {
+    let out = dir.join("kfd_fd_client");
+    let st = Command::new("gcc")
+        .args(["-O1", "-Wall", "-o"])
+        .arg(&out)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kfd_fd_client.c"))
+        .status()
+        .expect("gcc");
+    assert!(st.success(), "compiling tests/kfd_fd_client.c");
+    out
+}
+
+/// Over FUSE no fd can go out of an ioctl: EXPORT_DMABUF and SMI_EVENTS give EOPNOTSUPP on the
+/// sim (lower) and on the kfd device forwarding to it (upper), with a log line naming the way
+/// out, and neither daemon keeps an fd for it (the CUSE + preload path runs in tests/vm_cuse.rs).
+#[test]
+fn fds_going_out_are_refused_over_fuse_without_leaks() {
+    if !prereq() || !require(have_cmd("gcc"), "gcc (the C test client)") {
+        return;
+    }
+    let dir = TempDir::new("kfdmux-kfdfds");
+    let client = fd_client(dir.path());
+    let (lower, upper) = layers(&dir, "v119", "19");
+    let (lpid, upid) = (lower.child.id(), upper.child.id());
+    for (name, srv) in [("sim", &lower), ("kfd device", &upper)] {
+        // A first run settles lazily opened fds (render nodes, process memory).
+        let run = || {
+            let out = Command::new(&client)
+                .arg(srv.kfd())
+                .arg(srv.mount.join("renderD128"))
+                .arg("noch")
+                .output()
+                .expect("kfd_fd_client");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success() && text.contains("NO-CHANNEL EOPNOTSUPP"),
+                "{name}: {text}\n{}",
+                srv.log()
+            );
+        };
+        run();
+        std::thread::sleep(Duration::from_millis(200));
+        let before = (fd_count(lpid), fd_count(upid));
+        for _ in 0..3 {
+            run();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            (fd_count(lpid), fd_count(upid)),
+            before,
+            "{name}: the daemons' fd counts (lower, upper) are back where they were"
+        );
+        assert!(
+            srv.log().contains("kfdmux run --transport cuse"),
+            "{name}: the refusal names the way out:\n{}",
+            srv.log()
+        );
+    }
 }

@@ -14,7 +14,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::abi::table::{read_uint, Io, Kind};
@@ -23,8 +23,10 @@ use crate::errno::Errno;
 
 /// The first 8 bytes of a trace file.
 pub const MAGIC: &[u8; 8] = b"KFDTRACE";
-/// The format version this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The format version this build writes. Version 1 (FNV-1a record checksums) is still read.
+pub const VERSION: u32 = 2;
+/// The oldest format version this build reads.
+pub const MIN_VERSION: u32 = 1;
 /// Upper bound on one record body; a length beyond it means a corrupt file.
 pub const MAX_RECORD: u32 = 64 << 20;
 
@@ -68,13 +70,37 @@ impl Header {
         h.set("render_minors", minors.join(","));
         h.set("kfd_minor", cfg.kfd_minor.to_string());
         h.set("drm_minor", cfg.drm_minor.to_string());
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        h.set("started_unix", now.to_string());
+        h.set("started_unix", unix_now().to_string());
         h
     }
+    /// The header of a trace recorded from the kfd device: the kernel's version and the GPUs
+    /// it gave out, `(gpu_id, render_minor, gfx_target_version)` in device order. `gpus` is
+    /// set when every GPU matches a sim preset, so the trace replays on the sim unchanged.
+    pub fn for_kfd(kfd_minor: u32, gpus: &[(u32, u32, u32)]) -> Header {
+        let mut h = Header::default();
+        h.set("kfdmux", env!("CARGO_PKG_VERSION"));
+        h.set("device", "kfd");
+        let presets: Option<Vec<&str>> = gpus
+            .iter()
+            .map(|g| {
+                crate::topology::PRESETS
+                    .iter()
+                    .find(|p| p.gfx_target_version == g.2)
+                    .map(|p| p.name)
+            })
+            .collect();
+        if let Some(names) = presets {
+            h.set("gpus", names.join(","));
+        }
+        let ids: Vec<String> = gpus.iter().map(|g| format!("{:#x}", g.0)).collect();
+        h.set("gpu_ids", ids.join(","));
+        let minors: Vec<String> = gpus.iter().map(|g| g.1.to_string()).collect();
+        h.set("render_minors", minors.join(","));
+        h.set("kfd_minor", kfd_minor.to_string());
+        h.set("started_unix", unix_now().to_string());
+        h
+    }
+
     /// The recorded GPU ids, in device order.
     pub fn gpu_ids(&self) -> Vec<u32> {
         self.get("gpu_ids")
@@ -205,6 +231,13 @@ impl Record {
     }
 }
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 // ---- encoding -------------------------------------------------------------------------------
 
 fn res(r: &Result<(), Errno>) -> i32 {
@@ -285,8 +318,13 @@ fn io_from(c: u8) -> Result<Io, String> {
     })
 }
 
-/// FNV-1a (32-bit) of a record body: detects a torn or overwritten record.
-pub fn checksum(b: &[u8]) -> u32 {
+/// The checksum of a record body in format `version`: detects a torn or overwritten record.
+/// Version 2 uses CRC-32 (IEEE; hardware-assisted, a few bytes per cycle — it runs on every
+/// recorded call); version 1 used FNV-1a 32, a byte per multiply.
+pub fn checksum(version: u32, b: &[u8]) -> u32 {
+    if version >= 2 {
+        return crc32fast::hash(b);
+    }
     let mut h: u32 = 0x811c_9dc5;
     for &x in b {
         h ^= x as u32;
@@ -298,7 +336,29 @@ pub fn checksum(b: &[u8]) -> u32 {
 impl Record {
     /// The record as it is stored: length, checksum, body.
     pub fn encode(&self) -> Vec<u8> {
-        let mut e = Enc(Vec::with_capacity(128));
+        let mut v = Vec::new();
+        self.encode_into(&mut v);
+        v
+    }
+
+    /// [`Record::encode`] into `out` (cleared first), reusing its allocation.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        // Sized up front: a growing Vec would reallocate for every record with arrays.
+        let cap = match &self.event {
+            Event::Ioctl(i) => {
+                128 + i.arg_in.len()
+                    + i.arg_out.len()
+                    + i.arrays
+                        .iter()
+                        .map(|a| 32 + a.field.len() + a.data_in.len() + a.data_out.len())
+                        .sum::<usize>()
+                    + i.fds.iter().map(|f| 24 + f.field.len()).sum::<usize>()
+            }
+            _ => 64,
+        };
+        out.clear();
+        out.reserve(cap);
+        let mut e = Enc(std::mem::take(out));
         e.0.extend_from_slice(&[0; 8]); // length and checksum, filled in below
         e.u8(match self.event {
             Event::Open { .. } => REC_OPEN,
@@ -368,10 +428,10 @@ impl Record {
             }
         }
         let body_len = (e.0.len() - 8) as u32;
-        let sum = checksum(&e.0[8..]);
+        let sum = checksum(VERSION, &e.0[8..]);
         e.0[0..4].copy_from_slice(&body_len.to_le_bytes());
         e.0[4..8].copy_from_slice(&sum.to_le_bytes());
-        e.0
+        *out = e.0;
     }
 
     /// Decodes one record body (without length and checksum).
@@ -491,6 +551,8 @@ pub fn encode_header(h: &Header) -> Vec<u8> {
 /// A whole trace read back.
 #[derive(Debug, Clone)]
 pub struct Trace {
+    /// The format version the file was written in.
+    pub version: u32,
     pub header: Header,
     /// Records in file (completion) order.
     pub records: Vec<Record>,
@@ -520,9 +582,9 @@ impl Trace {
             return Err("not a kfdmux trace (bad magic)".into());
         }
         let version = read_uint(b, 8, 4) as u32;
-        if version != VERSION {
+        if !(MIN_VERSION..=VERSION).contains(&version) {
             return Err(format!(
-                "trace format version {version}; this kfdmux reads version {VERSION}"
+                "trace format version {version}; this kfdmux reads versions {MIN_VERSION} to {VERSION}"
             ));
         }
         let hlen = read_uint(b, 12, 4) as usize;
@@ -549,7 +611,7 @@ impl Trace {
                 return Err(format!("record at byte {off} claims {len} bytes"));
             }
             let body = &rest[8..8 + len];
-            if checksum(body) != sum {
+            if checksum(version, body) != sum {
                 if b[off + 8 + len..].iter().all(|&x| x == 0) {
                     torn_tail = trimmed(rest);
                     break;
@@ -560,6 +622,7 @@ impl Trace {
             off += 8 + len;
         }
         Ok(Trace {
+            version,
             header,
             records,
             torn_tail,
@@ -577,9 +640,9 @@ impl Trace {
 
 // ---- recording ------------------------------------------------------------------------------
 
-/// Writes records to a trace file, one `write(2)` per record (see the module docs).
+/// Appends records to a trace file through a shared mapping (see [`mapped`]).
 pub struct Recorder {
-    file: Mutex<mapped::MappedAppender>,
+    file: mapped::MappedAppender,
     start: Instant,
     seq: AtomicU64,
     failed: AtomicBool,
@@ -600,7 +663,7 @@ impl Recorder {
         file.write_all(&head)?;
         let file = mapped::MappedAppender::new(file, head.len() as u64)?;
         Ok(Arc::new(Recorder {
-            file: Mutex::new(file),
+            file,
             start: Instant::now(),
             seq: AtomicU64::new(1),
             failed: AtomicBool::new(false),
@@ -610,7 +673,7 @@ impl Recorder {
 
     /// Trims the file to its records (also done on drop); later records are still appended.
     pub fn finish(&self) -> io::Result<()> {
-        self.file.lock().unwrap_or_else(|p| p.into_inner()).finish()
+        self.file.finish()
     }
 
     /// Records written so far.
@@ -628,10 +691,22 @@ impl Recorder {
 
     /// Appends one record (a copy into the mapped file under the lock).
     pub fn write_record(&self, r: &Record) {
-        let buf = r.encode();
-        let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        // Appends are serialised: a crash can cut only the last record.
-        match f.append(&[&buf]) {
+        thread_local! {
+            // One encoding buffer per worker thread: no allocation per record.
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let appended = BUF.with(|b| {
+            let mut buf = b.borrow_mut();
+            r.encode_into(&mut buf);
+            // Appends are serialised: a crash can cut only the last record.
+            let res = self.file.append(&[&buf]);
+            // Do not keep a huge buffer around after one big record.
+            if buf.capacity() > 1 << 20 {
+                *buf = Vec::new();
+            }
+            res
+        });
+        match appended {
             Ok(()) => {
                 self.records.fetch_add(1, Ordering::Relaxed);
             }

@@ -65,6 +65,19 @@ pub struct ReplayOptions {
     /// value shows replay catching a changed device.
     #[arg(long, value_name = "N")]
     pub kfd_minor: Option<u32>,
+    /// The kernel's kfd file (`--device kfd`).
+    #[arg(long, value_name = "PATH", default_value = "/dev/kfd")]
+    pub kfd_path: PathBuf,
+    /// The kernel's kfd sysfs directory holding `topology/` (`--device kfd`).
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/sys/devices/virtual/kfd/kfd"
+    )]
+    pub kfd_sysfs: PathBuf,
+    /// How replayed contexts get kernel contexts (`--device kfd`).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub kfd_contexts: crate::device::kfd::ContextMode,
     /// Differences printed before the rest are only counted.
     #[arg(long, default_value_t = 50)]
     pub max_diffs: usize,
@@ -82,9 +95,28 @@ impl ReplayOptions {
             contexts: Vec::new(),
             gpus: None,
             kfd_minor: None,
+            kfd_path: PathBuf::from("/dev/kfd"),
+            kfd_sysfs: PathBuf::from("/sys/devices/virtual/kfd/kfd"),
+            kfd_contexts: crate::device::kfd::ContextMode::Auto,
             max_diffs: 50,
             verbose: false,
         }
+    }
+}
+
+impl ReplayOptions {
+    /// The kfd device's configuration for `--device kfd` (render nodes beside `--kfd-path`).
+    fn kfd_config(&self) -> Result<crate::device::kfd::KfdConfig, String> {
+        use crate::device::kfd::KfdConfig;
+        Ok(KfdConfig {
+            render_dir: KfdConfig::default_render_dir(&self.kfd_path),
+            kfd_path: self.kfd_path.clone(),
+            sysfs: self.kfd_sysfs.clone(),
+            gpus: None,
+            mode: self.kfd_contexts,
+            doorbell_poll: Duration::from_micros(100),
+            exe: std::env::current_exe().map_err(|e| format!("locating the kfdmux binary: {e}"))?,
+        })
     }
 }
 
@@ -411,6 +443,9 @@ fn res(r: &IoctlResult) -> i32 {
 struct ChanSink {
     seq: u64,
     tx: Sender<Completion>,
+    /// The bytes each array came in with: a device hands back only what it wrote, and past
+    /// that the caller's buffer keeps these (as through a transport).
+    inputs: Vec<Vec<u8>>,
 }
 
 impl DoneSink for ChanSink {
@@ -418,7 +453,14 @@ impl DoneSink for ChanSink {
         let arrays = call
             .arrays
             .into_iter()
-            .map(|a| (a.field.to_string(), a.data))
+            .zip(self.inputs)
+            .map(|(a, input)| {
+                let mut data = a.data;
+                if data.len() < input.len() {
+                    data.extend_from_slice(&input[data.len()..]);
+                }
+                (a.field.to_string(), data)
+            })
             .collect();
         let who = (call.caller.pid, call.caller.tgid);
         let _ = self.tx.send(Completion {
@@ -550,7 +592,8 @@ impl Drop for Userptrs {
 }
 
 struct DirectBackend {
-    device: Arc<SimDevice>,
+    device: Arc<dyn Device>,
+    gpu_ids: Vec<u32>,
     userptrs: Userptrs,
     ctxs: HashMap<u64, (Box<dyn DeviceContext>, FileKind, u32)>,
     live: HashMap<(FileKind, u32), usize>,
@@ -576,7 +619,7 @@ fn unreal(c: Caller) -> Caller {
 
 impl Backend for DirectBackend {
     fn gpu_ids(&self) -> Vec<u32> {
-        self.device.gpus().iter().map(|g| g.gpu_id).collect()
+        self.gpu_ids.clone()
     }
     fn live_tgid(&self, tgid: u32) -> u32 {
         unreal_pid(tgid)
@@ -615,7 +658,13 @@ impl Backend for DirectBackend {
                     fds: &c.fds,
                     live: &self.live,
                 };
-                dc.ioctl(&env, call, Done::new(Box::new(ChanSink { seq: c.seq, tx })));
+                let inputs = call.arrays.iter().map(|a| a.data.clone()).collect();
+                let sink = ChanSink {
+                    seq: c.seq,
+                    tx,
+                    inputs,
+                };
+                dc.ioctl(&env, call, Done::new(Box::new(sink)));
             }
             Err(e) => {
                 let _ = tx.send(Completion {
@@ -638,7 +687,8 @@ impl Backend for DirectBackend {
 
 /// Serves the device on a temporary FUSE mount inside this process and issues real ioctls.
 struct FuseBackend {
-    device: Arc<SimDevice>,
+    device: Arc<dyn Device>,
+    gpu_ids: Vec<u32>,
     mux: Arc<Mux>,
     dir: PathBuf,
     mount: PathBuf,
@@ -655,14 +705,13 @@ struct FuseBackend {
 
 impl FuseBackend {
     /// `--via cuse`: the same live stack behind CUSE character devices, in-process.
-    fn new_cuse(device: Arc<SimDevice>) -> Result<FuseBackend, String> {
+    fn new_cuse(device: Arc<dyn Device>, gpu_ids: Vec<u32>) -> Result<FuseBackend, String> {
         use crate::transport::cuse::{self, CuseEnv, CuseFs};
         use crate::transport::engine::Session;
         let dir = std::env::temp_dir().join(format!("kfdmux-replay-cuse.{}", std::process::id()));
         let links = dir.join("links");
         std::fs::create_dir_all(&links).map_err(|e| format!("{}: {e}", links.display()))?;
-        let dyn_dev: Arc<dyn Device> = device.clone();
-        let mux = Mux::new(dyn_dev);
+        let mux = Mux::new(device.clone());
         let env = Arc::new(CuseEnv::default());
         let base = format!("kfdmux-replay-{}/kfd", std::process::id());
         let mut names = vec![(base.clone(), FileKind::Kfd, "kfd".to_string())];
@@ -715,6 +764,7 @@ impl FuseBackend {
         let devnull = std::fs::File::open("/dev/null").ok().map(OwnedFd::from);
         Ok(FuseBackend {
             device,
+            gpu_ids,
             mux,
             dir,
             mount: links,
@@ -727,7 +777,7 @@ impl FuseBackend {
         })
     }
 
-    fn new(device: Arc<SimDevice>) -> Result<FuseBackend, String> {
+    fn new(device: Arc<dyn Device>, gpu_ids: Vec<u32>) -> Result<FuseBackend, String> {
         use crate::transport::engine::{Protocol, Session};
         use crate::transport::{fusefs::FuseFs, mount};
         let dir = std::env::temp_dir().join(format!(
@@ -736,8 +786,7 @@ impl FuseBackend {
             Instant::now().elapsed().as_nanos()
         ));
         let mount_dir = dir.join("mnt");
-        let dyn_dev: Arc<dyn Device> = device.clone();
-        let mux = Mux::new(dyn_dev);
+        let mux = Mux::new(device.clone());
         let fs = FuseFs::new(mux.clone());
         let (fd, early_dev) = mount::mount_fuse(&mount_dir)?;
         if early_dev != 0 {
@@ -755,6 +804,7 @@ impl FuseBackend {
         let devnull = std::fs::File::open("/dev/null").ok().map(OwnedFd::from);
         Ok(FuseBackend {
             device,
+            gpu_ids,
             mux,
             dir,
             mount: mount_dir,
@@ -797,7 +847,7 @@ impl FuseBackend {
 
 impl Backend for FuseBackend {
     fn gpu_ids(&self) -> Vec<u32> {
-        self.device.gpus().iter().map(|g| g.gpu_id).collect()
+        self.gpu_ids.clone()
     }
     fn live_tgid(&self, _tgid: u32) -> u32 {
         std::process::id()
@@ -1250,39 +1300,61 @@ impl<'a> Replayer<'a> {
 
 /// Replays `t` as `o` says; `Err` for what prevents replaying at all.
 pub fn replay_trace(t: &Trace, o: &ReplayOptions) -> Result<Report, String> {
-    if o.device == ReplayDevice::Kfd {
-        return Err("--device kfd needs the kfd device, not in this build".into());
-    }
-    let spec = match (&o.gpus, t.header.get("gpus")) {
-        (Some(g), _) => g.clone(),
-        (None, Some(g)) => g.to_string(),
-        (None, None) => return Err("the trace header names no GPUs; give --gpus".into()),
+    let (device, gpu_ids): (Arc<dyn Device>, Vec<u32>) = match o.device {
+        ReplayDevice::Sim => {
+            let spec = match (&o.gpus, t.header.get("gpus")) {
+                (Some(g), _) => g.clone(),
+                (None, Some(g)) => g.to_string(),
+                (None, None) => return Err("the trace header names no GPUs; give --gpus".into()),
+            };
+            let gpus = crate::topology::parse_gpus(&spec)?;
+            let mut cfg = SimConfig::default();
+            if let Some(m) = t.header.get("kfd_minor").and_then(|v| v.parse().ok()) {
+                cfg.kfd_minor = m;
+            }
+            if let Some(m) = t.header.get("drm_minor").and_then(|v| v.parse().ok()) {
+                cfg.drm_minor = m;
+            }
+            if let Some(m) = o.kfd_minor {
+                cfg.kfd_minor = m;
+            }
+            let device = SimDevice::new(gpus, cfg);
+            let ids = device.gpus().iter().map(|g| g.gpu_id).collect();
+            (device, ids)
+        }
+        ReplayDevice::Kfd => {
+            if o.gpus.is_some() || o.kfd_minor.is_some() {
+                return Err(
+                    "--gpus and --kfd-minor shape the sim; the kfd device is what the kernel has"
+                        .into(),
+                );
+            }
+            let kfd = crate::device::kfd::KfdDevice::new(o.kfd_config()?)?;
+            let ids = kfd.gpu_list().iter().map(|g| g.0).collect();
+            (kfd, ids)
+        }
     };
-    let gpus = crate::topology::parse_gpus(&spec)?;
-    let mut cfg = SimConfig::default();
-    if let Some(m) = t.header.get("kfd_minor").and_then(|v| v.parse().ok()) {
-        cfg.kfd_minor = m;
+    let recorded = t.header.gpu_ids().len();
+    if gpu_ids.len() < recorded {
+        return Err(format!(
+            "the trace used {recorded} GPUs; the replay device has {}",
+            gpu_ids.len()
+        ));
     }
-    if let Some(m) = t.header.get("drm_minor").and_then(|v| v.parse().ok()) {
-        cfg.drm_minor = m;
-    }
-    if let Some(m) = o.kfd_minor {
-        cfg.kfd_minor = m;
-    }
-    let device = SimDevice::new(gpus, cfg);
     let backend: Box<dyn Backend> = match o.via {
         Via::Direct => Box::new(DirectBackend {
             device,
+            gpu_ids,
             userptrs: Userptrs::default(),
             ctxs: HashMap::new(),
             live: HashMap::new(),
         }),
-        Via::Fuse => Box::new(FuseBackend::new(device)?),
+        Via::Fuse => Box::new(FuseBackend::new(device, gpu_ids)?),
         Via::Cuse => {
             if !Path::new("/dev/cuse").exists() {
                 return Err("--via cuse needs a kernel with CUSE (/dev/cuse is missing; try `modprobe cuse`); use --via fuse or direct".into());
             }
-            Box::new(FuseBackend::new_cuse(device)?)
+            Box::new(FuseBackend::new_cuse(device, gpu_ids)?)
         }
     };
     let mut maps = Maps::default();

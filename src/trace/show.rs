@@ -512,7 +512,7 @@ pub fn render(o: &ShowOptions, t: &Trace) -> Vec<String> {
             .collect();
         out.push(format!(
             "{{\"type\":\"header\",\"version\":{},{}}}",
-            super::VERSION,
+            t.version,
             h.join(",")
         ));
     } else {

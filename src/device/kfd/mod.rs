@@ -145,6 +145,15 @@ fn create_process(fd: &OwnedFd, cmd: u32) -> Result<(), Errno> {
 }
 
 impl KfdDevice {
+    /// The GPUs given out, in device order: `(gpu_id, render_minor, gfx_target_version)`.
+    pub fn gpu_list(&self) -> Vec<(u32, u32, u32)> {
+        self.sh
+            .gpus
+            .iter()
+            .map(|g| (g.gpu_id, g.render_minor, g.gfx_target_version))
+            .collect()
+    }
+
     /// Opens the kernel's kfd file, reads its version and picks how contexts are made; refuses
     /// (with a message saying why) when the file is missing or inaccessible, or when neither
     /// secondary contexts nor context hosts can work.
@@ -406,8 +415,8 @@ impl KfdFile {
                     return Err(refuse(&self.sh, Errno::EOPNOTSUPP, "USERPTR refused: the kernel context is not in the client's address space; run with HSA_USERPTR_FOR_PAGED_MEM=0 (kfdmux run sets it) so ROCm allocates host memory as GTT"))
                 }
                 0x22 => return Err(refuse(&self.sh, Errno::EOPNOTSUPP, "CRIU refused: checkpointing a forwarded context is not supported")),
-                0x1F | 0x24 => {
-                    return Err(refuse(&self.sh, Errno::EOPNOTSUPP, &format!("{} refused: it returns a new fd, which the FUSE transport cannot install in the client (CUSE + the preload library's channel could)", call.def.name)))
+                0x1F | 0x24 if !env.can_give_fd() => {
+                    return Err(refuse(&self.sh, Errno::EOPNOTSUPP, &format!("{} refused: {}", call.def.name, crate::device::NO_FD_CHANNEL)))
                 }
                 0x27 => {
                     // The client's context already is its own kernel context.
@@ -442,6 +451,10 @@ impl KfdFile {
                         size: f.size,
                         data,
                     });
+                }
+                Kind::Fd if f.io == crate::abi::table::Io::Out && env.can_give_fd() => {
+                    // Filled by the kernel; goes to the client through env.give_fd.
+                    req.out_fd_fields.push((f.offset, f.size));
                 }
                 Kind::Fd if f.io.is_out() => {
                     return Err(refuse(
@@ -497,6 +510,41 @@ impl KfdFile {
             );
             Errno::EBADF
         })
+    }
+
+    /// Hands the fds the kernel returned to the client (CUSE + the preload channel) and writes
+    /// the numbers it will know them by into the call. Fds not handed over are closed.
+    fn give_out_fds(
+        &self,
+        env: &dyn Env,
+        call: &mut IoctlCall,
+        fields: &[(usize, usize)],
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), Errno> {
+        if fds.len() != fields.len() {
+            log::warn!(
+                "kfd: {}: {} fd(s) back for {} fd field(s)",
+                call.def.name,
+                fds.len(),
+                fields.len()
+            );
+            return Err(Errno::EIO);
+        }
+        // EXPORT_DMABUF's flags ask for O_CLOEXEC; anon_inode_getfd of SMI_EVENTS does not.
+        let cloexec = call.def.nr == 0x24
+            && call
+                .variant
+                .arg
+                .and_then(|sd| sd.get(&call.arg, "flags"))
+                .unwrap_or(0)
+                & libc::O_CLOEXEC as u64
+                != 0;
+        let what = format!("kfd: {}", call.def.name);
+        for (&(off, size), fd) in fields.iter().zip(fds) {
+            let n = env.give_fd(&call.caller, fd, cloexec, &what)?;
+            write_uint(&mut call.arg, off, size, n as u64);
+        }
+        Ok(())
     }
 
     /// Copies the kernel's outputs into the client's call, restoring the client's pointer and
@@ -716,11 +764,16 @@ impl DeviceContext for KfdFile {
             }
             return;
         }
-        let (req, r) = self.owner.ioctl(req, &CancelToken::default());
+        let (mut req, mut r) = self.owner.ioctl(req, &CancelToken::default());
         if let Err(e) = r {
             log::debug!("kfd: {} -> {e}", call.def.name);
         }
+        let out_fds = std::mem::take(&mut req.out_fds);
+        let fields = req.out_fd_fields.clone();
         self.finish(&mut call, req, r);
+        if r.is_ok() {
+            r = self.give_out_fds(env, &mut call, &fields, out_fds);
+        }
         done.complete(call, r);
     }
 
