@@ -166,7 +166,10 @@ fn replay_cli_exit_status_and_diff_text() {
     );
 
     for (args, why) in [
-        (vec!["--device", "kfd"], "needs the kfd device"),
+        (
+            vec!["--device", "kfd", "--kfd-path", "/nonexistent/kfd"],
+            "/nonexistent/kfd does not exist",
+        ),
         (vec!["--via", "cuse"], "cuse"),
     ] {
         let r = Command::new(common::kfdmux_bin())
