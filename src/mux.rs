@@ -521,8 +521,12 @@ impl DoneSink for UnrestrictedDone {
         let Some(reply) = self.reply.take() else {
             return;
         };
-        // Stamped before the reply, written after it: the client does not wait for the write.
-        let rec = self.rec.take().map(|p| p.finish(&call, &result, &result));
+        // Written before the reply: written after it, the woken client preempts the worker
+        // while it holds the trace lock and the next request's worker queues behind it (two
+        // extra context switches per call on one CPU, measured +1.5-2 µs p50).
+        if let Some(p) = self.rec.take() {
+            p.finish(&call, &result, &result).write();
+        }
         let mut out = Vec::new();
         if let Some(n) = self.struct_out {
             out.extend_from_slice(&call.arg[..n.min(call.arg.len())]);
@@ -547,9 +551,6 @@ impl DoneSink for UnrestrictedDone {
             // does); arrays it wrote as it went are not modelled on error.
             Err(e) if self.struct_out.is_some_and(|n| n > 0) => reply.ok(-e.0, &out),
             Err(e) => reply.error(e),
-        }
-        if let Some(r) = rec {
-            r.write();
         }
     }
 
@@ -582,18 +583,15 @@ impl DoneSink for RestrictedDone {
                 result = Err(e);
             }
         }
-        let rec = self
-            .rec
-            .take()
-            .map(|p| p.finish(&call, &dev_result, &result));
+        // Before the reply (see UnrestrictedDone::complete).
+        if let Some(p) = self.rec.take() {
+            p.finish(&call, &dev_result, &result).write();
+        }
         let n = self.out_size.min(call.arg.len());
         match result {
             Ok(()) => reply.ok(0, &call.arg[..n]),
             Err(e) if n > 0 => reply.ok(-e.0, &call.arg[..n]),
             Err(e) => reply.error(e),
-        }
-        if let Some(r) = rec {
-            r.write();
         }
         marshal::recycle(call.arrays);
     }

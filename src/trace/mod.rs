@@ -859,7 +859,7 @@ pub struct PendingIoctl {
 
 impl PendingIoctl {
     /// Completes the record with the device's answer `dev` and what the caller got (`result`),
-    /// stamping its end time; [`FinishedIoctl::write`] stores it (after the reply is sent).
+    /// stamping its end time; [`FinishedIoctl::write`] stores it (before the reply is sent).
     pub fn finish(
         mut self,
         call: &IoctlCall,
