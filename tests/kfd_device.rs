@@ -201,6 +201,31 @@ fn replay(trace: &Path, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// Whether a replay report matched, allowing one race: `kfdmux check` polls AVAILABLE_MEMORY
+/// until a closed context's VRAM comes back, and through the kfd device that release is
+/// asynchronous (the lower file's FUSE RELEASE, like the kernel's deferred process teardown),
+/// so a poll right after the close may see the buffer or not, in the recording and in the
+/// replay alike. Differences in that one field are allowed; every other difference fails.
+fn matches_but_release_races(out: &str) -> bool {
+    let summary_ok = out.lines().any(|l| {
+        l.starts_with("replayed ") && (l.contains(": match") || l.contains(" differences"))
+    });
+    let diffs_ok = out
+        .lines()
+        .filter(|l| l.starts_with("DIFF"))
+        .all(|l| l.contains(" AVAILABLE_MEMORY: available: recorded "));
+    summary_ok && diffs_ok && only_known_skips(out)
+}
+
+/// The skips every `kfdmux check` recording has: the forked child's refused call and the wait
+/// it interrupts on purpose.
+fn only_known_skips(out: &str) -> bool {
+    out.lines().filter(|l| l.starts_with("skipped #")).all(|l| {
+        l.ends_with("a process other than the opener made it (EBADF)")
+            || l.ends_with("interrupted by a signal in the recording")
+    })
+}
+
 #[test]
 fn record_on_the_kfd_device_and_replay_against_it() {
     if !prereq() {
@@ -225,19 +250,21 @@ fn record_on_the_kfd_device_and_replay_against_it() {
     let lk = lower.kfd();
     let lsys = format!("{}.sysfs/kfd", lower.mount.display());
     let kfd_args = ["--device", "kfd", "--kfd-path", &lk, "--kfd-sysfs", &lsys];
-    // Against the device it was recorded on, directly and through a FUSE mount.
-    for via in ["direct", "fuse"] {
-        let mut a = kfd_args.to_vec();
+    // Against the device it was recorded on, directly and through a FUSE mount; and the same
+    // calls on the sim (the header names its preset and KFD minor).
+    for (label, via) in [("kfd", "direct"), ("kfd", "fuse"), ("sim", "direct")] {
+        let mut a = if label == "kfd" {
+            kfd_args.to_vec()
+        } else {
+            Vec::new()
+        };
         a.extend(["--via", via]);
-        let (ok, out) = replay(&trace, &a);
+        let (_, out) = replay(&trace, &a);
         assert!(
-            ok && out.contains(": match"),
-            "replay --device kfd --via {via}:\n{out}"
+            matches_but_release_races(&out),
+            "replay --device {label} --via {via}:\n{out}\nthe trace:\n{text}"
         );
     }
-    // The same calls on the sim (the header names its preset and KFD minor).
-    let (ok, out) = replay(&trace, &[]);
-    assert!(ok && out.contains(": match"), "replay --device sim:\n{out}");
     // A changed kernel is caught: the lower sim claims KFD 1.18 below a 1.19 recording.
     drop(lower);
     let (lower, _upper) = layers(&dir, "shared", "18");
