@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::fs;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -302,6 +303,98 @@ fn checked_in_traces_replay_on_the_kfd_device() {
         !ok && first.ends_with("ALLOC_MEMORY_OF_GPU: errno: recorded 0, replayed EOPNOTSUPP"),
         "rocminfo.ktr:\n{out}"
     );
+}
+
+/// Waits (5 s at most) until `cond` holds for the daemon's stats.
+fn wait_stats(srv: &Srv, what: &str, cond: impl Fn(&HashMap<String, u64>) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = read_stats(&srv.mount);
+        if cond(&s) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: stats never got there: {s:?}\n{}",
+            srv.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Live child processes of `pid` (context hosts of the upper daemon).
+fn children(pid: u32) -> usize {
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return 0;
+    };
+    rd.flatten()
+        .filter_map(|e| fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|st| {
+            // "pid (comm) state ppid ...": comm may hold spaces, so split after the ')'.
+            st.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                == Some(pid)
+        })
+        .count()
+}
+
+/// A client killed while parked in an infinite WAIT_EVENTS through both layers leaves no
+/// context behind in either — with secondary contexts and with context hosts.
+#[test]
+fn client_killed_mid_call_leaves_nothing_in_either_layer() {
+    if !prereq() {
+        return;
+    }
+    for (mode, minor) in [("v119", "19"), ("shared", "14")] {
+        let dir = TempDir::new("kfdmux-kfdkill");
+        let (lower, upper) = layers(&dir, mode, minor);
+        let kfd = std::ffi::CString::new(upper.kfd()).unwrap();
+        let mut ev = KfdIoctlCreateEventArgs {
+            event_type: KFD_IOC_EVENT_SIGNAL,
+            auto_reset: 1,
+            ..zerocopy::FromZeros::new_zeroed()
+        };
+        let mut data: KfdEventData = zerocopy::FromZeros::new_zeroed();
+        let mut w = KfdIoctlWaitEventsArgs {
+            num_events: 1,
+            timeout: u32::MAX,
+            ..zerocopy::FromZeros::new_zeroed()
+        };
+        let (pid, _) = fork_client(|ready| unsafe {
+            let fd = libc::open(kfd.as_ptr(), libc::O_RDWR);
+            if fd < 0 || raw_ioctl(fd, AMDKFD_IOC_CREATE_EVENT, &mut ev) != 0 {
+                return 1;
+            }
+            data.event_id = ev.event_id;
+            w.events_ptr = &mut data as *mut KfdEventData as u64;
+            libc::write(ready, b"r".as_ptr().cast(), 1);
+            raw_ioctl(fd, AMDKFD_IOC_WAIT_EVENTS, &mut w) // parks for ever
+        });
+        wait_stats(&lower, "the wait parked in the lower layer", |s| {
+            s.get("waiters") == Some(&1) && s.get("events") == Some(&1)
+        });
+        wait_stats(&upper, "one context in the upper layer", |s| {
+            s.get("contexts") == Some(&1)
+        });
+        let hosts = children(upper.child.id());
+        kill_and_reap(pid);
+        wait_stats(&upper, "killed client released above", |s| {
+            s.get("contexts") == Some(&0)
+        });
+        wait_stats(&lower, "killed client released below", |s| {
+            ["contexts", "waiters", "events", "buffers"]
+                .iter()
+                .all(|k| s.get(*k).copied().unwrap_or(0) == 0)
+        });
+        if mode == "shared" {
+            assert_eq!(hosts, 1, "one context host while the client lived");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while children(upper.child.id()) > 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert_eq!(children(upper.child.id()), 0, "context host left behind");
+        }
+    }
 }
 
 #[test]

@@ -174,3 +174,59 @@ pub fn read_stats(mount: &Path) -> HashMap<String, u64> {
         })
         .collect()
 }
+
+/// Forks a child that runs `body` (raw syscalls only, no allocation: we are multithreaded)
+/// and tells us through a pipe when it reached its blocking point (writes one byte) or
+/// failed (exits). Returns its pid once it is ready.
+pub fn fork_client(body: impl FnOnce(i32) -> i32) -> (i32, u8) {
+    let mut p = [0i32; 2];
+    // SAFETY: pipe writes two fds.
+    assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+    // SAFETY: the child runs only syscalls on memory prepared before the fork, then _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: as above.
+        unsafe {
+            libc::close(p[0]);
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            let code = body(p[1]);
+            libc::_exit(code);
+        }
+    }
+    assert!(pid > 0);
+    // SAFETY: our end of the pipe.
+    unsafe { libc::close(p[1]) };
+    let mut b = 0u8;
+    // SAFETY: reading one byte into `b`.
+    let n = unsafe { libc::read(p[0], (&mut b as *mut u8).cast(), 1) };
+    // SAFETY: closing our pipe end.
+    unsafe { libc::close(p[0]) };
+    if n != 1 {
+        let mut st = 0;
+        // SAFETY: reaping our child.
+        unsafe { libc::waitpid(pid, &mut st, 0) };
+        panic!("client failed before its blocking point (exit status {st:#x})");
+    }
+    (pid, b)
+}
+
+pub fn kill_and_reap(pid: i32) {
+    // SAFETY: our own child.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        let mut st = 0;
+        libc::waitpid(pid, &mut st, 0);
+    }
+}
+
+/// ioctl from a forked child: raw syscall, returns 0 or the errno.
+///
+/// # Safety
+/// `arg` must point to the struct `cmd` takes.
+pub unsafe fn raw_ioctl<T>(fd: i32, cmd: u32, arg: *mut T) -> i32 {
+    if libc::ioctl(fd, cmd as _, arg) < 0 {
+        *libc::__errno_location()
+    } else {
+        0
+    }
+}
