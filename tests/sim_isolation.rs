@@ -317,29 +317,6 @@ fn contexts_of_two_processes() {
 
 // ---- through the FUSE transport ------------------------------------------------------------
 
-fn c_ioctl<T>(fd: i32, cmd: u32, arg: &mut T) -> Result<(), i32> {
-    // SAFETY: `arg` is a live, writable struct of the size the command encodes.
-    let r = unsafe { libc::ioctl(fd, cmd as _, arg as *mut T) };
-    if r < 0 {
-        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
-    } else {
-        Ok(())
-    }
-}
-
-fn c_open(p: &std::path::Path) -> i32 {
-    let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
-    // SAFETY: a valid NUL-terminated path.
-    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    assert!(
-        fd >= 0,
-        "open {}: {}",
-        p.display(),
-        std::io::Error::last_os_error()
-    );
-    fd
-}
-
 #[test]
 fn two_opens_through_fuse_are_isolated() {
     if !common::require(
@@ -349,82 +326,5 @@ fn two_opens_through_fuse_are_isolated() {
         return;
     }
     let d = common::Daemon::start("gfx90a:1");
-    let (a, b) = (c_open(&d.mount.join("kfd")), c_open(&d.mount.join("kfd")));
-    let r = c_open(&d.mount.join("renderD128"));
-    let mut ap = [KfdProcessDeviceApertures::new_zeroed(); 1];
-    let mut n = KfdIoctlGetProcessAperturesNewArgs {
-        kfd_process_device_apertures_ptr: ap.as_mut_ptr() as u64,
-        num_of_nodes: 1,
-        pad: 0,
-    };
-    assert_eq!(
-        c_ioctl(a, AMDKFD_IOC_GET_PROCESS_APERTURES_NEW, &mut n),
-        Ok(())
-    );
-    let gpu_id = ap[0].gpu_id;
-    for fd in [a, b] {
-        let mut vm = KfdIoctlAcquireVmArgs {
-            drm_fd: r as u32,
-            gpu_id,
-        };
-        assert_eq!(
-            c_ioctl(fd, AMDKFD_IOC_ACQUIRE_VM, &mut vm),
-            Ok(()),
-            "{}",
-            d.log_text()
-        );
-    }
-    let alloc = |fd: i32| {
-        let mut al = KfdIoctlAllocMemoryOfGpuArgs {
-            va_addr: 0x10_0000,
-            size: PAGE,
-            handle: 0,
-            mmap_offset: 0,
-            gpu_id,
-            flags: GTT,
-        };
-        c_ioctl(fd, AMDKFD_IOC_ALLOC_MEMORY_OF_GPU, &mut al).map(|_| al)
-    };
-    let x = alloc(a).unwrap();
-    // b does not know a's handle, has no events of a, and no queues.
-    let mut f = KfdIoctlFreeMemoryOfGpuArgs { handle: x.handle };
-    assert_eq!(
-        c_ioctl(b, AMDKFD_IOC_FREE_MEMORY_OF_GPU, &mut f),
-        Err(libc::EINVAL)
-    );
-    let mut ev = KfdIoctlCreateEventArgs::new_zeroed();
-    ev.event_type = KFD_IOC_EVENT_SIGNAL;
-    assert_eq!(c_ioctl(a, AMDKFD_IOC_CREATE_EVENT, &mut ev), Ok(()));
-    let mut s = KfdIoctlSetEventArgs {
-        event_id: ev.event_id,
-        pad: 0,
-    };
-    assert_eq!(c_ioctl(b, AMDKFD_IOC_SET_EVENT, &mut s), Err(libc::EINVAL));
-    let mut dq = KfdIoctlDestroyQueueArgs::new_zeroed();
-    assert_eq!(
-        c_ioctl(b, AMDKFD_IOC_DESTROY_QUEUE, &mut dq),
-        Err(libc::EINVAL)
-    );
-    // b's own buffer gets the same handle value and a different memory range.
-    let y = alloc(b).unwrap();
-    assert_eq!(y.handle, x.handle);
-    assert_ne!(y.mmap_offset, x.mmap_offset);
-    // EXPORT_DMABUF cannot hand an fd to a FUSE caller.
-    let mut ex = KfdIoctlExportDmabufArgs {
-        handle: x.handle,
-        flags: libc::O_RDWR as u32,
-        dmabuf_fd: 0,
-    };
-    assert_eq!(
-        c_ioctl(a, AMDKFD_IOC_EXPORT_DMABUF, &mut ex),
-        Err(libc::EOPNOTSUPP)
-    );
-    let mut f = KfdIoctlFreeMemoryOfGpuArgs { handle: x.handle };
-    assert_eq!(c_ioctl(a, AMDKFD_IOC_FREE_MEMORY_OF_GPU, &mut f), Ok(()));
-    let mut f = KfdIoctlFreeMemoryOfGpuArgs { handle: y.handle };
-    assert_eq!(c_ioctl(b, AMDKFD_IOC_FREE_MEMORY_OF_GPU, &mut f), Ok(()));
-    for fd in [a, b, r] {
-        // SAFETY: fds this test opened.
-        unsafe { libc::close(fd) };
-    }
+    common::assert_two_opens_isolated(&d.mount, &|| d.log_text());
 }
