@@ -38,19 +38,7 @@ fn wait_stats(
     what: &str,
     cond: impl Fn(&HashMap<String, u64>) -> bool,
 ) -> HashMap<String, u64> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let s = d.stats();
-        if cond(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: stats never got there: {s:?}\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_stats_at(&d.mount, what, cond, &|| d.log_text())
 }
 
 fn released(s: &HashMap<String, u64>) -> bool {

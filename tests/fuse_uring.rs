@@ -18,7 +18,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{have_fuse, is_root, kfdmux_bin, read_stats, require, TempDir};
+use common::{
+    c_ioctl, have_fuse, is_root, kfdmux_bin, read_stats, require, wait_stats_at, TempDir,
+};
 use kfdmux::abi::{
     KfdEventData, KfdIoctlAcquireVmArgs, KfdIoctlAllocMemoryOfGpuArgs, KfdIoctlCreateEventArgs,
     KfdIoctlGetProcessAperturesNewArgs, KfdIoctlGetVersionArgs, KfdIoctlSetEventArgs,
@@ -120,15 +122,7 @@ impl UringDaemon {
 
     /// Polls the stats until `pred` holds (a liveness bound, not a timing check).
     fn wait_stats(&self, what: &str, pred: impl Fn(&HashMap<String, u64>) -> bool) {
-        let deadline = Instant::now() + HANG;
-        loop {
-            let s = self.stats();
-            if pred(&s) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{what}: stats {s:?}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_stats_at(&self.mount, what, pred, &|| self.log_text());
     }
 }
 
@@ -161,13 +155,7 @@ fn errno() -> i32 {
 
 /// `ioctl(fd, cmd, arg)`: Ok or the errno. Safe in a forked child (no allocation).
 fn ioctl<T>(fd: i32, cmd: u32, arg: &mut T) -> Result<(), i32> {
-    // SAFETY: `arg` is a live, writable struct of the size the command encodes.
-    let r = unsafe { libc::ioctl(fd, cmd as _, arg as *mut T) };
-    if r < 0 {
-        Err(errno())
-    } else {
-        Ok(())
-    }
+    c_ioctl(fd, cmd, arg)
 }
 
 fn open_rw(path: &CString) -> Result<i32, i32> {

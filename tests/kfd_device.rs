@@ -323,19 +323,7 @@ fn checked_in_traces_replay_on_the_kfd_device() {
 
 /// Waits (5 s at most) until `cond` holds for the daemon's stats.
 fn wait_stats(srv: &Srv, what: &str, cond: impl Fn(&HashMap<String, u64>) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let s = read_stats(&srv.mount);
-        if cond(&s) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: stats never got there: {s:?}\n{}",
-            srv.log()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_stats_at(&srv.mount, what, cond, &|| srv.log());
 }
 
 /// Live child processes of `pid` (context hosts of the upper daemon).

@@ -161,6 +161,29 @@ impl Drop for Daemon {
     }
 }
 
+/// Polls `mount`/stats until `cond` holds and returns them; fails after 5 s (a liveness
+/// bound, not a timing check) saying `what`, the last stats and `log()`.
+pub fn wait_stats_at(
+    mount: &Path,
+    what: &str,
+    cond: impl Fn(&HashMap<String, u64>) -> bool,
+    log: &dyn Fn() -> String,
+) -> HashMap<String, u64> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = read_stats(mount);
+        if cond(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: stats never got there: {s:?}\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The daemon's `stats` file (`key value` lines) as numbers; non-numeric lines are skipped.
 pub fn read_stats(mount: &Path) -> HashMap<String, u64> {
     let text = fs::read_to_string(mount.join("stats"))
