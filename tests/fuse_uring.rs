@@ -13,14 +13,12 @@ mod common;
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{
-    c_ioctl, have_fuse, is_root, kfdmux_bin, read_stats, require, wait_stats_at, TempDir,
-};
+use common::{c_ioctl, have_fuse, is_root, kfdmux_bin, require, wait_stats_at, Daemon};
 use kfdmux::abi::{
     KfdEventData, KfdIoctlAcquireVmArgs, KfdIoctlAllocMemoryOfGpuArgs, KfdIoctlCreateEventArgs,
     KfdIoctlGetProcessAperturesNewArgs, KfdIoctlGetVersionArgs, KfdIoctlSetEventArgs,
@@ -59,61 +57,25 @@ fn prerequisites() -> bool {
 }
 
 /// `kfdmux serve --transport fuse --fuse-uring`, stopped and unmounted on drop.
-struct UringDaemon {
-    child: Child,
-    mount: PathBuf,
-    log: PathBuf,
-    _dir: TempDir,
+struct UringDaemon(Daemon);
+
+impl std::ops::Deref for UringDaemon {
+    type Target = Daemon;
+    fn deref(&self) -> &Daemon {
+        &self.0
+    }
 }
 
 impl UringDaemon {
     fn start(extra: &[&str]) -> UringDaemon {
-        let dir = TempDir::new("kfdmux-test-uring");
-        let mount = dir.path().join("mnt");
-        fs::create_dir(&mount).unwrap();
-        let log = dir.path().join("daemon.log");
-        let out = fs::File::create(&log).unwrap();
-        let child = Command::new(kfdmux_bin())
-            .args(["serve", "--transport", "fuse", "--fuse-uring", "--mount"])
-            .arg(&mount)
-            .args(["--gpus", "gfx90a:1"])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawn kfdmux serve");
-        let mut d = UringDaemon {
-            child,
-            mount,
-            log,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + HANG;
+        let mut args = vec!["--fuse-uring"];
+        args.extend_from_slice(extra);
         // Ready once it logged "serving" (after the queues registered), not merely mounted.
-        loop {
-            if let Ok(Some(status)) = d.child.try_wait() {
-                panic!("kfdmux serve exited with {status}:\n{}", d.log_text());
-            }
-            if d.log_text().contains("serving gfx90a:1") && d.mount.join("kfd").exists() {
-                return d;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "kfdmux serve --fuse-uring did not start:\n{}",
-                d.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn stats(&self) -> HashMap<String, u64> {
-        read_stats(&self.mount)
+        UringDaemon(Daemon::start_with(
+            "gfx90a:1",
+            &args,
+            Some("serving gfx90a:1"),
+        ))
     }
 
     fn kfd(&self) -> CString {
@@ -123,28 +85,6 @@ impl UringDaemon {
     /// Polls the stats until `pred` holds (a liveness bound, not a timing check).
     fn wait_stats(&self, what: &str, pred: impl Fn(&HashMap<String, u64>) -> bool) {
         wait_stats_at(&self.mount, what, pred, &|| self.log_text());
-    }
-}
-
-impl Drop for UringDaemon {
-    fn drop(&mut self) {
-        let pid = self.child.id() as libc::pid_t;
-        // SAFETY: our own child, not yet reaped.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if kfdmux::run::is_fuse_mount(&self.mount) {
-            let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
-        }
     }
 }
 

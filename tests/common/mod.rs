@@ -86,6 +86,12 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(gpus: &str) -> Daemon {
+        Daemon::start_with(gpus, &[], None)
+    }
+
+    /// `serve --transport fuse --gpus GPUS EXTRA...`; ready when mounted and, if `ready_log`
+    /// is given, once the log says it (e.g. after io_uring queues registered).
+    pub fn start_with(gpus: &str, extra: &[&str], ready_log: Option<&str>) -> Daemon {
         let dir = TempDir::new("kfdmux-test-daemon");
         let mount = dir.path().join("mnt");
         fs::create_dir(&mount).unwrap();
@@ -95,6 +101,8 @@ impl Daemon {
             .args(["serve", "--transport", "fuse", "--mount"])
             .arg(&mount)
             .args(["--gpus", gpus])
+            .args(extra)
+            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -111,7 +119,10 @@ impl Daemon {
             if let Ok(Some(status)) = d.child.try_wait() {
                 panic!("kfdmux serve exited with {status}:\n{}", d.log_text());
             }
-            if kfdmux::run::is_fuse_mount(&d.mount) && d.mount.join("kfd").exists() {
+            if kfdmux::run::is_fuse_mount(&d.mount)
+                && d.mount.join("kfd").exists()
+                && ready_log.is_none_or(|l| d.log_text().contains(l))
+            {
                 return d;
             }
             assert!(
