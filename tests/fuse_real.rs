@@ -12,12 +12,11 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{have_fuse, is_root, require, Daemon};
+use common::{c_ioctl, close, get_version, have_fuse, is_root, open_rw, require, Daemon};
 use kfdmux::abi::{
     KfdIoctlAcquireVmArgs, KfdIoctlAllocMemoryOfGpuArgs, KfdIoctlCreateEventArgs,
-    KfdIoctlGetProcessAperturesNewArgs, KfdIoctlGetVersionArgs, KfdProcessDeviceApertures,
-    AMDKFD_IOC_ACQUIRE_VM, AMDKFD_IOC_ALLOC_MEMORY_OF_GPU, AMDKFD_IOC_CREATE_EVENT,
-    AMDKFD_IOC_GET_PROCESS_APERTURES_NEW, AMDKFD_IOC_GET_VERSION,
+    KfdIoctlGetProcessAperturesNewArgs, KfdProcessDeviceApertures, AMDKFD_IOC_ACQUIRE_VM,
+    AMDKFD_IOC_ALLOC_MEMORY_OF_GPU, AMDKFD_IOC_CREATE_EVENT, AMDKFD_IOC_GET_PROCESS_APERTURES_NEW,
 };
 
 const KFD_IOC_ALLOC_MEM_FLAGS_GTT: u32 = 1 << 1;
@@ -32,39 +31,6 @@ fn cpath(p: &Path) -> CString {
     CString::new(p.to_str().expect("utf-8 path")).expect("no NUL in path")
 }
 
-/// `ioctl(fd, cmd, arg)`: Ok or the errno. Safe to call in a forked child (no allocation).
-fn ioctl<T>(fd: i32, cmd: u32, arg: &mut T) -> Result<(), i32> {
-    // SAFETY: `arg` is a live, writable struct of the size the command encodes.
-    let r = unsafe { libc::ioctl(fd, cmd as _, arg as *mut T) };
-    if r < 0 {
-        // SAFETY: reading this thread's errno.
-        Err(unsafe { *libc::__errno_location() })
-    } else {
-        Ok(())
-    }
-}
-
-fn open_rw(path: &CString) -> Result<i32, i32> {
-    // SAFETY: a valid NUL-terminated path.
-    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if fd < 0 {
-        // SAFETY: reading this thread's errno.
-        Err(unsafe { *libc::__errno_location() })
-    } else {
-        Ok(fd)
-    }
-}
-
-fn close(fd: i32) {
-    // SAFETY: closing an fd this test opened.
-    unsafe { libc::close(fd) };
-}
-
-fn get_version(fd: i32) -> Result<KfdIoctlGetVersionArgs, i32> {
-    let mut v = KfdIoctlGetVersionArgs::new_zeroed();
-    ioctl(fd, AMDKFD_IOC_GET_VERSION, &mut v).map(|_| v)
-}
-
 /// GET_PROCESS_APERTURES_NEW into `out` (capacity `out.len()`); returns the number filled.
 fn apertures(fd: i32, out: &mut [KfdProcessDeviceApertures]) -> Result<u32, i32> {
     let mut a = KfdIoctlGetProcessAperturesNewArgs {
@@ -72,7 +38,7 @@ fn apertures(fd: i32, out: &mut [KfdProcessDeviceApertures]) -> Result<u32, i32>
         num_of_nodes: out.len() as u32,
         pad: 0,
     };
-    ioctl(fd, AMDKFD_IOC_GET_PROCESS_APERTURES_NEW, &mut a).map(|_| a.num_of_nodes)
+    c_ioctl(fd, AMDKFD_IOC_GET_PROCESS_APERTURES_NEW, &mut a).map(|_| a.num_of_nodes)
 }
 
 /// A forked child: it computes up to 8 numbers, sends them, then waits for `release`.
@@ -362,7 +328,7 @@ fn mmap_is_passthrough_to_the_process_own_memory() {
         drm_fd: rfd as u32,
         gpu_id,
     };
-    let r = ioctl(fd, AMDKFD_IOC_ACQUIRE_VM, &mut vm);
+    let r = c_ioctl(fd, AMDKFD_IOC_ACQUIRE_VM, &mut vm);
     assert_eq!(r, Ok(()), "ACQUIRE_VM; daemon log:\n{}", d.log_text());
 
     let size = 2 * 4096u64;
@@ -375,7 +341,7 @@ fn mmap_is_passthrough_to_the_process_own_memory() {
         flags: KFD_IOC_ALLOC_MEM_FLAGS_GTT | KFD_IOC_ALLOC_MEM_FLAGS_WRITABLE,
     };
     assert_eq!(
-        ioctl(fd, AMDKFD_IOC_ALLOC_MEMORY_OF_GPU, &mut alloc),
+        c_ioctl(fd, AMDKFD_IOC_ALLOC_MEMORY_OF_GPU, &mut alloc),
         Ok(()),
         "ALLOC GTT"
     );
@@ -441,7 +407,7 @@ fn mmap_is_passthrough_to_the_process_own_memory() {
         event_slot_index: 0,
     };
     assert_eq!(
-        ioctl(fd, AMDKFD_IOC_CREATE_EVENT, &mut ev),
+        c_ioctl(fd, AMDKFD_IOC_CREATE_EVENT, &mut ev),
         Ok(()),
         "CREATE_EVENT on our page"
     );
@@ -486,7 +452,7 @@ fn mmap_is_passthrough_to_the_process_own_memory() {
             drm_fd: rfd as u32,
             gpu_id,
         };
-        let acquire = ioctl(fd, AMDKFD_IOC_ACQUIRE_VM, &mut vm2)
+        let acquire = c_ioctl(fd, AMDKFD_IOC_ACQUIRE_VM, &mut vm2)
             .err()
             .unwrap_or(0) as i64;
         // Its own render node: a different inode.

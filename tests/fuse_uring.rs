@@ -18,13 +18,16 @@ use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{c_ioctl, have_fuse, is_root, kfdmux_bin, require, wait_stats_at, Daemon};
+use common::{
+    c_ioctl, close, get_version, have_fuse, is_root, kfdmux_bin, open_rw, require, wait_stats_at,
+    Daemon,
+};
 use kfdmux::abi::{
     KfdEventData, KfdIoctlAcquireVmArgs, KfdIoctlAllocMemoryOfGpuArgs, KfdIoctlCreateEventArgs,
-    KfdIoctlGetProcessAperturesNewArgs, KfdIoctlGetVersionArgs, KfdIoctlSetEventArgs,
-    KfdIoctlWaitEventsArgs, KfdProcessDeviceApertures, AMDKFD_IOC_ACQUIRE_VM,
-    AMDKFD_IOC_ALLOC_MEMORY_OF_GPU, AMDKFD_IOC_CREATE_EVENT, AMDKFD_IOC_GET_PROCESS_APERTURES_NEW,
-    AMDKFD_IOC_GET_VERSION, AMDKFD_IOC_SET_EVENT, AMDKFD_IOC_WAIT_EVENTS,
+    KfdIoctlGetProcessAperturesNewArgs, KfdIoctlSetEventArgs, KfdIoctlWaitEventsArgs,
+    KfdProcessDeviceApertures, AMDKFD_IOC_ACQUIRE_VM, AMDKFD_IOC_ALLOC_MEMORY_OF_GPU,
+    AMDKFD_IOC_CREATE_EVENT, AMDKFD_IOC_GET_PROCESS_APERTURES_NEW, AMDKFD_IOC_SET_EVENT,
+    AMDKFD_IOC_WAIT_EVENTS,
 };
 
 const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
@@ -88,42 +91,12 @@ impl UringDaemon {
     }
 }
 
-fn errno() -> i32 {
-    // SAFETY: reading this thread's errno.
-    unsafe { *libc::__errno_location() }
-}
-
-/// `ioctl(fd, cmd, arg)`: Ok or the errno. Safe in a forked child (no allocation).
-fn ioctl<T>(fd: i32, cmd: u32, arg: &mut T) -> Result<(), i32> {
-    c_ioctl(fd, cmd, arg)
-}
-
-fn open_rw(path: &CString) -> Result<i32, i32> {
-    // SAFETY: a valid NUL-terminated path.
-    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if fd < 0 {
-        Err(errno())
-    } else {
-        Ok(fd)
-    }
-}
-
-fn close(fd: i32) {
-    // SAFETY: closing an fd this test opened.
-    unsafe { libc::close(fd) };
-}
-
-fn get_version(fd: i32) -> Result<KfdIoctlGetVersionArgs, i32> {
-    let mut v = KfdIoctlGetVersionArgs::new_zeroed();
-    ioctl(fd, AMDKFD_IOC_GET_VERSION, &mut v).map(|_| v)
-}
-
 fn create_event(fd: i32) -> u32 {
     let mut e = KfdIoctlCreateEventArgs::new_zeroed();
     e.event_type = KFD_IOC_EVENT_SIGNAL;
     e.auto_reset = 0;
     assert_eq!(
-        ioctl(fd, AMDKFD_IOC_CREATE_EVENT, &mut e),
+        c_ioctl(fd, AMDKFD_IOC_CREATE_EVENT, &mut e),
         Ok(()),
         "CREATE_EVENT"
     );
@@ -133,7 +106,7 @@ fn create_event(fd: i32) -> u32 {
 fn set_event(fd: i32, id: u32) -> Result<(), i32> {
     let mut s = KfdIoctlSetEventArgs::new_zeroed();
     s.event_id = id;
-    ioctl(fd, AMDKFD_IOC_SET_EVENT, &mut s)
+    c_ioctl(fd, AMDKFD_IOC_SET_EVENT, &mut s)
 }
 
 /// WAIT_EVENTS on one event with an infinite timeout; the wait_result or the errno.
@@ -144,7 +117,7 @@ fn wait_forever(fd: i32, id: u32) -> Result<u32, i32> {
     w.events_ptr = ev.as_mut_ptr() as u64;
     w.num_events = 1;
     w.timeout = u32::MAX;
-    ioctl(fd, AMDKFD_IOC_WAIT_EVENTS, &mut w).map(|_| w.wait_result)
+    c_ioctl(fd, AMDKFD_IOC_WAIT_EVENTS, &mut w).map(|_| w.wait_result)
 }
 
 /// Pins the calling thread to `cpu` (so its requests use that CPU's ring queue).
@@ -307,7 +280,7 @@ fn passthrough_mmap_and_distinct_contexts_over_the_ring() {
         pad: 0,
     };
     assert_eq!(
-        ioctl(fd, AMDKFD_IOC_GET_PROCESS_APERTURES_NEW, &mut a),
+        c_ioctl(fd, AMDKFD_IOC_GET_PROCESS_APERTURES_NEW, &mut a),
         Ok(())
     );
     let gpu_id = ap[0].gpu_id;
@@ -316,7 +289,7 @@ fn passthrough_mmap_and_distinct_contexts_over_the_ring() {
         gpu_id,
     };
     assert_eq!(
-        ioctl(fd, AMDKFD_IOC_ACQUIRE_VM, &mut vm),
+        c_ioctl(fd, AMDKFD_IOC_ACQUIRE_VM, &mut vm),
         Ok(()),
         "ACQUIRE_VM"
     );
@@ -330,7 +303,7 @@ fn passthrough_mmap_and_distinct_contexts_over_the_ring() {
         flags: KFD_IOC_ALLOC_MEM_FLAGS_GTT | KFD_IOC_ALLOC_MEM_FLAGS_WRITABLE,
     };
     assert_eq!(
-        ioctl(fd, AMDKFD_IOC_ALLOC_MEMORY_OF_GPU, &mut alloc),
+        c_ioctl(fd, AMDKFD_IOC_ALLOC_MEMORY_OF_GPU, &mut alloc),
         Ok(()),
         "ALLOC GTT"
     );
@@ -373,7 +346,7 @@ fn passthrough_mmap_and_distinct_contexts_over_the_ring() {
         event_id: 0,
         event_slot_index: 0,
     };
-    assert_eq!(ioctl(fd, AMDKFD_IOC_CREATE_EVENT, &mut ev), Ok(()));
+    assert_eq!(c_ioctl(fd, AMDKFD_IOC_CREATE_EVENT, &mut ev), Ok(()));
     let slot = ev.event_slot_index as usize;
     assert!(slot < 512);
     // SAFETY: slot < 512 u64 slots in the first page.

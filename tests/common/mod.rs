@@ -375,3 +375,25 @@ pub fn c_open(p: &std::path::Path) -> i32 {
     );
     fd
 }
+
+/// `open(path, O_RDWR | O_CLOEXEC)`: the fd or the errno. Safe in a forked child.
+pub fn open_rw(path: &std::ffi::CString) -> Result<i32, i32> {
+    // SAFETY: a valid NUL-terminated path.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if fd < 0 {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    } else {
+        Ok(fd)
+    }
+}
+
+pub fn close(fd: i32) {
+    // SAFETY: closing an fd the test opened.
+    unsafe { libc::close(fd) };
+}
+
+/// AMDKFD_IOC_GET_VERSION on `fd`.
+pub fn get_version(fd: i32) -> Result<kfdmux::abi::KfdIoctlGetVersionArgs, i32> {
+    let mut v = kfdmux::abi::KfdIoctlGetVersionArgs::new_zeroed();
+    c_ioctl(fd, kfdmux::abi::AMDKFD_IOC_GET_VERSION, &mut v).map(|_| v)
+}
