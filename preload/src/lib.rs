@@ -488,6 +488,8 @@ fn next_ioctl() -> IoctlFn {
 /// The second half of SMI_EVENTS / EXPORT_DMABUF on a kfdmux file with the fd channel on: the
 /// daemon wrote a parking slot into the fd field at `off`; fetch the fd parked there and put
 /// its number in the field instead.
+///
+/// Safety: `arg` is the caller's argument struct for the command, at least `off + 4` bytes.
 unsafe fn fetch_parked(fd: c_int, arg: *mut u8, off: usize, cloexec: bool) -> c_int {
     // SAFETY: the caller's argument struct is at least `off + 4` bytes (the cmd's size).
     let slot = unsafe { std::ptr::read_unaligned(arg.add(off) as *const u32) };
