@@ -278,26 +278,41 @@ fn serve_mux(
     mux: Arc<Mux>,
     header: crate::trace::Header,
 ) -> Result<(), String> {
-    let mut recorder = None;
-    if let Some(path) = &opts.record {
-        let rec = crate::trace::Recorder::create(path, &header)
-            .map_err(|e| format!("--record {}: {e}", path.display()))?;
-        mux.set_recorder(rec.clone());
-        recorder = Some(rec);
-        log::info!("recording every call into {}", path.display());
-    }
+    let recorder = opts
+        .record
+        .as_deref()
+        .map(|path| start_recording(&mux, path, &header).map_err(|e| format!("--record {e}")))
+        .transpose()?;
     let set = block_signals();
     let r = match opts.transport {
         Transport::Fuse => serve_fuse(opts, mux, &set),
         Transport::Cuse => serve_cuse(opts, mux, &set),
     };
     if let Some(rec) = recorder {
-        // Trim the mapped-ahead zeros (a killed daemon leaves them; readers skip them).
-        if let Err(e) = rec.finish() {
-            log::warn!("trimming the trace file: {e}");
-        }
+        finish_recording(&rec);
     }
     r
+}
+
+/// Records every call `mux` sees into `path` from now on; `Err` names the path.
+fn start_recording(
+    mux: &Mux,
+    path: &std::path::Path,
+    header: &crate::trace::Header,
+) -> Result<Arc<crate::trace::Recorder>, String> {
+    let rec = crate::trace::Recorder::create(path, header)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    mux.set_recorder(rec.clone());
+    log::info!("recording every call into {}", path.display());
+    Ok(rec)
+}
+
+/// Trims the mapped-ahead zeros after the records (a killed daemon leaves them; readers skip
+/// them).
+fn finish_recording(rec: &crate::trace::Recorder) {
+    if let Err(e) = rec.finish() {
+        log::warn!("trimming the trace file: {e}");
+    }
 }
 
 fn serve_cuse(opts: &ServeOptions, mux: Arc<Mux>, set: &libc::sigset_t) -> Result<(), String> {
@@ -459,6 +474,7 @@ amdgpu "*) ;; *) echo 'amdgpu                      0  0' ;; esac
 /// A started instance and what stopping it takes.
 struct RunningInstance {
     name: String,
+    recorder: Option<Arc<crate::trace::Recorder>>,
     fuse: Option<(PathBuf, Option<u64>)>,
     cuse_names: Vec<String>,
     handover: Option<PathBuf>,
@@ -481,6 +497,9 @@ impl RunningInstance {
         }
         for r in self.runners {
             let _ = r.join();
+        }
+        if let Some(rec) = &self.recorder {
+            finish_recording(rec);
         }
         log::info!("instance '{}' stopped", self.name);
     }
@@ -516,20 +535,18 @@ fn start_instance(
     if let Some(m) = cfg.kfd_minor {
         sim.kfd_minor = m;
     }
-    let header = inst
-        .record
-        .as_ref()
-        .map(|_| crate::trace::Header::for_sim(&inst.gpus_spec, &inst.gpus, &sim));
+    let header = crate::trace::Header::for_sim(&inst.gpus_spec, &inst.gpus, &sim);
     let device: Arc<dyn Device> = SimDevice::new(inst.gpus.clone(), sim);
     let device = crate::policy::wrap(device, inst.policy.clone());
     let mux = Mux::new(device);
-    if let (Some(path), Some(header)) = (&inst.record, header) {
-        let rec = crate::trace::Recorder::create(path, &header)
-            .map_err(|e| format!("{who}: record {}: {e}", path.display()))?;
-        mux.set_recorder(rec);
-    }
+    let recorder = inst
+        .record
+        .as_deref()
+        .map(|path| start_recording(&mux, path, &header).map_err(|e| format!("{who}: record {e}")))
+        .transpose()?;
     let mut run = RunningInstance {
         name: inst.name.clone(),
+        recorder,
         fuse: None,
         cuse_names: Vec::new(),
         handover: None,
