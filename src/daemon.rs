@@ -116,7 +116,7 @@ pub struct ServeOptions {
     #[arg(long, value_enum, default_value = "auto")]
     pub kfd_contexts: crate::device::kfd::ContextMode,
     /// Doorbell relay polling interval in microseconds (`--device kfd`).
-    #[arg(long, value_name = "US", default_value_t = 100)]
+    #[arg(long, value_name = "US", default_value_t = crate::device::kfd::DEFAULT_DOORBELL_POLL_US)]
     pub doorbell_poll_us: u64,
     /// Make the sim behave like the kernel for forwarding tests: `shared` (before KFD 1.19: one
     /// context per process) or `v119` (CREATE_PROCESS makes secondary contexts).
@@ -246,19 +246,12 @@ pub fn serve(opts: &ServeOptions) -> Result<(), String> {
 /// `serve --device kfd`: the kernel's KFD, forwarded (docs/kfd-device.md).
 fn serve_kfd(opts: &ServeOptions) -> Result<(), String> {
     use crate::device::kfd::{KfdConfig, KfdDevice};
-    let exe = std::env::current_exe().map_err(|e| format!("locating the kfdmux binary: {e}"))?;
-    let cfg = KfdConfig {
-        render_dir: opts
-            .kfd_render_dir
-            .clone()
-            .unwrap_or_else(|| KfdConfig::default_render_dir(&opts.kfd_path)),
-        kfd_path: opts.kfd_path.clone(),
-        sysfs: opts.kfd_sysfs.clone(),
-        gpus: opts.kfd_gpus.clone(),
-        mode: opts.kfd_contexts,
-        doorbell_poll: std::time::Duration::from_micros(opts.doorbell_poll_us.max(1)),
-        exe,
-    };
+    let mut cfg = KfdConfig::new(&opts.kfd_path, &opts.kfd_sysfs, opts.kfd_contexts)?;
+    if let Some(dir) = &opts.kfd_render_dir {
+        cfg.render_dir = dir.clone();
+    }
+    cfg.gpus = opts.kfd_gpus.clone();
+    cfg.doorbell_poll = std::time::Duration::from_micros(opts.doorbell_poll_us.max(1));
     let kfd = KfdDevice::new(cfg)?;
     if let Some(sdir) = opts.sysfs_dir() {
         let _ = std::fs::remove_dir_all(&sdir);

@@ -104,22 +104,6 @@ impl ReplayOptions {
     }
 }
 
-impl ReplayOptions {
-    /// The kfd device's configuration for `--device kfd` (render nodes beside `--kfd-path`).
-    fn kfd_config(&self) -> Result<crate::device::kfd::KfdConfig, String> {
-        use crate::device::kfd::KfdConfig;
-        Ok(KfdConfig {
-            render_dir: KfdConfig::default_render_dir(&self.kfd_path),
-            kfd_path: self.kfd_path.clone(),
-            sysfs: self.kfd_sysfs.clone(),
-            gpus: None,
-            mode: self.kfd_contexts,
-            doorbell_poll: Duration::from_micros(100),
-            exe: std::env::current_exe().map_err(|e| format!("locating the kfdmux binary: {e}"))?,
-        })
-    }
-}
-
 /// One difference between the recording and the replay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diff {
@@ -1329,7 +1313,10 @@ pub fn replay_trace(t: &Trace, o: &ReplayOptions) -> Result<Report, String> {
                         .into(),
                 );
             }
-            let kfd = crate::device::kfd::KfdDevice::new(o.kfd_config()?)?;
+            // Render nodes beside --kfd-path, every GPU, default polling.
+            let cfg =
+                crate::device::kfd::KfdConfig::new(&o.kfd_path, &o.kfd_sysfs, o.kfd_contexts)?;
+            let kfd = crate::device::kfd::KfdDevice::new(cfg)?;
             let ids = kfd.gpu_list().iter().map(|g| g.0).collect();
             (kfd, ids)
         }

@@ -60,7 +60,25 @@ pub struct KfdConfig {
     pub exe: PathBuf,
 }
 
+/// The doorbell relay's polling interval unless told otherwise (`--doorbell-poll-us`).
+pub const DEFAULT_DOORBELL_POLL_US: u64 = 100;
+
 impl KfdConfig {
+    /// The configuration for the kfd file at `kfd_path` with its topology under `sysfs`: every
+    /// GPU, render nodes where [`KfdConfig::default_render_dir`] says, the default doorbell
+    /// polling, and this kfdmux binary for context hosts.
+    pub fn new(kfd_path: &Path, sysfs: &Path, mode: ContextMode) -> Result<KfdConfig, String> {
+        Ok(KfdConfig {
+            render_dir: KfdConfig::default_render_dir(kfd_path),
+            kfd_path: kfd_path.to_path_buf(),
+            sysfs: sysfs.to_path_buf(),
+            gpus: None,
+            mode,
+            doorbell_poll: Duration::from_micros(DEFAULT_DOORBELL_POLL_US),
+            exe: std::env::current_exe().map_err(|e| format!("locating the kfdmux binary: {e}"))?,
+        })
+    }
+
     /// Defaults for `kfd_path`: render nodes beside it (a kfdmux FUSE directory) unless it is
     /// `/dev/kfd`.
     pub fn default_render_dir(kfd_path: &Path) -> PathBuf {
