@@ -12,7 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{c_ioctl, close, get_version, have_fuse, is_root, open_rw, require, Daemon};
+use common::{c_ioctl, close, get_version, have_fuse, is_root, mmap_rw, open_rw, require, Daemon};
 use kfdmux::abi::{
     KfdIoctlAcquireVmArgs, KfdIoctlAllocMemoryOfGpuArgs, KfdIoctlCreateEventArgs,
     KfdIoctlGetProcessAperturesNewArgs, KfdProcessDeviceApertures, AMDKFD_IOC_ACQUIRE_VM,
@@ -353,24 +353,12 @@ fn mmap_is_passthrough_to_the_process_own_memory() {
     );
 
     let map = |f: i32| {
-        // SAFETY: a fresh shared mapping of `size` bytes; checked for MAP_FAILED.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                f,
-                alloc.mmap_offset as libc::off_t,
-            )
-        };
-        assert_ne!(
-            p,
-            libc::MAP_FAILED,
-            "mmap of the GTT buffer: {}",
-            std::io::Error::last_os_error()
-        );
-        p as *mut u8
+        mmap_rw(
+            f,
+            alloc.mmap_offset,
+            size as usize,
+            "mmap of the GTT buffer",
+        )
     };
     let p1 = map(rfd);
     let p2 = map(rfd);

@@ -19,8 +19,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::{
-    c_ioctl, close, get_version, have_fuse, is_root, kfdmux_bin, open_rw, require, wait_stats_at,
-    Daemon,
+    c_ioctl, close, get_version, have_fuse, is_root, kfdmux_bin, mmap_rw, open_rw, require,
+    wait_stats_at, Daemon,
 };
 use kfdmux::abi::{
     KfdEventData, KfdIoctlAcquireVmArgs, KfdIoctlAllocMemoryOfGpuArgs, KfdIoctlCreateEventArgs,
@@ -308,24 +308,12 @@ fn passthrough_mmap_and_distinct_contexts_over_the_ring() {
         "ALLOC GTT"
     );
     let map = || {
-        // SAFETY: a fresh shared mapping of `size` bytes; checked for MAP_FAILED.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                rfd,
-                alloc.mmap_offset as libc::off_t,
-            )
-        };
-        assert_ne!(
-            p,
-            libc::MAP_FAILED,
-            "mmap over a ring-mode mount (passthrough): {}",
-            std::io::Error::last_os_error()
-        );
-        p as *mut u8
+        mmap_rw(
+            rfd,
+            alloc.mmap_offset,
+            size,
+            "mmap over a ring-mode mount (passthrough)",
+        )
     };
     let (p1, p2) = (map(), map());
     let marker = *b"uring!\x00\x01";

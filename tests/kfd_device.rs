@@ -561,31 +561,13 @@ fn doorbell_write_reaches_hardware_and_offsets_stay_ours() {
     }
     // Map the doorbell page through the upper daemon (shadow memfd) and ring it.
     let base = q.doorbell_offset & !8191;
-    // SAFETY: a fresh shared mapping of the kfd file.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            8192,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            base as i64,
-        )
-    };
-    assert_ne!(
-        p,
-        libc::MAP_FAILED,
-        "mmap doorbell: {}",
-        std::io::Error::last_os_error()
-    );
+    let p = mmap_rw(fd, base, 8192, "mmap doorbell");
     let pattern: u64 = 0x05ee_dd00_be11_0000 | (std::process::id() as u64 & 0xffff);
     let t = Instant::now();
     // SAFETY: an aligned 8-byte store inside the 8 KiB mapping.
     unsafe {
         std::ptr::write_volatile(
-            p.cast::<u8>()
-                .add((q.doorbell_offset - base) as usize)
-                .cast::<u64>(),
+            p.add((q.doorbell_offset - base) as usize).cast::<u64>(),
             pattern,
         )
     };
@@ -625,7 +607,7 @@ fn doorbell_write_reaches_hardware_and_offsets_stay_ours() {
         (ticks() - c0) as f64 / hz / t0.elapsed().as_secs_f64() * 100.0
     );
     // SAFETY: unmapping our mapping.
-    unsafe { libc::munmap(p, 8192) };
+    unsafe { libc::munmap(p.cast(), 8192) };
     // The upper daemon's log never handed a kernel-range offset with type bits to the client.
     assert!(!upper.log().contains("untranslated kernel mmap offset"));
     let stats = read_stats(&upper.mount);

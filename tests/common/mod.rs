@@ -397,3 +397,26 @@ pub fn get_version(fd: i32) -> Result<kfdmux::abi::KfdIoctlGetVersionArgs, i32> 
     let mut v = kfdmux::abi::KfdIoctlGetVersionArgs::new_zeroed();
     c_ioctl(fd, kfdmux::abi::AMDKFD_IOC_GET_VERSION, &mut v).map(|_| v)
 }
+
+/// A shared read-write mapping of `len` bytes of `fd` at `offset`; panics naming `what` (and
+/// the errno) when mmap fails. The caller unmaps it.
+pub fn mmap_rw(fd: i32, offset: u64, len: usize, what: &str) -> *mut u8 {
+    // SAFETY: a fresh shared mapping at an address the kernel picks; checked for MAP_FAILED.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            offset as libc::off_t,
+        )
+    };
+    assert_ne!(
+        p,
+        libc::MAP_FAILED,
+        "{what}: {}",
+        std::io::Error::last_os_error()
+    );
+    p as *mut u8
+}
