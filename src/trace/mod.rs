@@ -60,26 +60,20 @@ impl Header {
         gpus: &[crate::topology::Gpu],
         cfg: &crate::device::sim::SimConfig,
     ) -> Header {
-        let mut h = Header::default();
-        h.set("kfdmux", env!("CARGO_PKG_VERSION"));
-        h.set("device", "sim");
-        h.set("gpus", spec);
-        let ids: Vec<String> = gpus.iter().map(|g| format!("{:#x}", g.gpu_id)).collect();
-        h.set("gpu_ids", ids.join(","));
-        let minors: Vec<String> = gpus.iter().map(|g| g.render_minor.to_string()).collect();
-        h.set("render_minors", minors.join(","));
-        h.set("kfd_minor", cfg.kfd_minor.to_string());
-        h.set("drm_minor", cfg.drm_minor.to_string());
-        h.set("started_unix", unix_now().to_string());
-        h
+        let ids: Vec<(u32, u32)> = gpus.iter().map(|g| (g.gpu_id, g.render_minor)).collect();
+        Header::for_device(
+            "sim",
+            Some(spec.to_string()),
+            &ids,
+            cfg.kfd_minor,
+            &[("drm_minor", cfg.drm_minor.to_string())],
+        )
     }
+
     /// The header of a trace recorded from the kfd device: the kernel's version and the GPUs
     /// it gave out, `(gpu_id, render_minor, gfx_target_version)` in device order. `gpus` is
     /// set when every GPU matches a sim preset, so the trace replays on the sim unchanged.
     pub fn for_kfd(kfd_minor: u32, gpus: &[(u32, u32, u32)]) -> Header {
-        let mut h = Header::default();
-        h.set("kfdmux", env!("CARGO_PKG_VERSION"));
-        h.set("device", "kfd");
         let presets: Option<Vec<&str>> = gpus
             .iter()
             .map(|g| {
@@ -89,14 +83,33 @@ impl Header {
                     .map(|p| p.name)
             })
             .collect();
-        if let Some(names) = presets {
-            h.set("gpus", names.join(","));
+        let ids: Vec<(u32, u32)> = gpus.iter().map(|g| (g.0, g.1)).collect();
+        Header::for_device("kfd", presets.map(|n| n.join(",")), &ids, kfd_minor, &[])
+    }
+
+    /// The keys every recording has: `device`, the `gpus` spec when known, `(gpu_id,
+    /// render_minor)` per GPU in device order, the KFD minor, then `extra`, then the start time.
+    fn for_device(
+        device: &str,
+        spec: Option<String>,
+        gpus: &[(u32, u32)],
+        kfd_minor: u32,
+        extra: &[(&str, String)],
+    ) -> Header {
+        let mut h = Header::default();
+        h.set("kfdmux", env!("CARGO_PKG_VERSION"));
+        h.set("device", device);
+        if let Some(spec) = spec {
+            h.set("gpus", spec);
         }
         let ids: Vec<String> = gpus.iter().map(|g| format!("{:#x}", g.0)).collect();
         h.set("gpu_ids", ids.join(","));
         let minors: Vec<String> = gpus.iter().map(|g| g.1.to_string()).collect();
         h.set("render_minors", minors.join(","));
         h.set("kfd_minor", kfd_minor.to_string());
+        for (k, v) in extra {
+            h.set(k, v.clone());
+        }
         h.set("started_unix", unix_now().to_string());
         h
     }
