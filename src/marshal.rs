@@ -3,7 +3,7 @@
 //! written back after it. Restricted (FUSE-file) ioctls reach the client with
 //! `process_vm_readv/writev`.
 
-use crate::abi::table::{CountUnit, Kind, StructDef};
+use crate::abi::table::{CountUnit, FieldDef, Kind, PtrDef, StructDef};
 use crate::device::ArrayBuf;
 use crate::errno::Errno;
 
@@ -24,97 +24,129 @@ pub struct Region {
 /// The regions an argument struct points at, in field order. Counts are checked against
 /// [`MAX_ARRAY_BYTES`] (EINVAL beyond); a null pointer with a non-zero count is EFAULT.
 pub fn plan(def: &StructDef, arg: &[u8]) -> Result<Vec<Region>, Errno> {
-    let mut out = Vec::new();
-    for f in def.fields {
-        let Kind::Pointer(p) = &f.kind else { continue };
-        let Some(count) = def.get(arg, p.count_field) else {
-            log::warn!(
-                "schema: {}.{} names a missing count field",
-                def.name,
-                f.name
-            );
-            return Err(Errno::EINVAL);
-        };
-        let elems = match p.count_unit {
-            CountUnit::Elements => count,
-            CountUnit::Bytes => count.div_ceil(p.elem_size.max(1) as u64),
-            CountUnit::Bits => count.div_ceil(8 * p.elem_size.max(1) as u64),
-        };
-        let len = elems.checked_mul(p.elem_size as u64).ok_or(Errno::EINVAL)?;
-        if len == 0 {
-            continue;
-        }
-        if len > MAX_ARRAY_BYTES as u64 {
-            log::warn!(
-                "{}.{}: {} bytes exceed the {} byte limit",
-                def.name,
-                f.name,
-                len,
-                MAX_ARRAY_BYTES
-            );
-            return Err(Errno::EINVAL);
-        }
-        let addr = crate::abi::table::read_uint(arg, f.offset, f.size);
-        if addr == 0 {
-            return Err(Errno::EFAULT);
-        }
-        out.push(Region {
-            field: f.name,
-            addr,
-            len: len as usize,
-            io: p.io,
-        });
-    }
-    Ok(out)
+    regions(def, arg).collect()
 }
 
-/// Reads the `In`/`InOut` regions from process `pid`; `Out` regions start zeroed.
-pub fn fetch(pid: u32, regions: &[Region]) -> Result<Vec<ArrayBuf>, Errno> {
-    regions
-        .iter()
-        .map(|r| {
-            let mut data = spare_buffer(r.len);
-            if r.io.is_in() {
-                read_process(pid, r.addr, &mut data)?;
+/// [`plan`] one region at a time, so the restricted path builds no list of them.
+fn regions<'a>(
+    def: &'a StructDef,
+    arg: &'a [u8],
+) -> impl Iterator<Item = Result<Region, Errno>> + 'a {
+    def.fields.iter().filter_map(move |f| match &f.kind {
+        Kind::Pointer(p) => region(def, f, p, arg).transpose(),
+        _ => None,
+    })
+}
+
+/// Pointer field `f` of `arg`: its region, or None when it points at nothing (count 0).
+fn region(def: &StructDef, f: &FieldDef, p: &PtrDef, arg: &[u8]) -> Result<Option<Region>, Errno> {
+    let Some(count) = def.get(arg, p.count_field) else {
+        log::warn!(
+            "schema: {}.{} names a missing count field",
+            def.name,
+            f.name
+        );
+        return Err(Errno::EINVAL);
+    };
+    let elems = match p.count_unit {
+        CountUnit::Elements => count,
+        CountUnit::Bytes => count.div_ceil(p.elem_size.max(1) as u64),
+        CountUnit::Bits => count.div_ceil(8 * p.elem_size.max(1) as u64),
+    };
+    let len = elems.checked_mul(p.elem_size as u64).ok_or(Errno::EINVAL)?;
+    if len == 0 {
+        return Ok(None);
+    }
+    if len > MAX_ARRAY_BYTES as u64 {
+        log::warn!(
+            "{}.{}: {} bytes exceed the {} byte limit",
+            def.name,
+            f.name,
+            len,
+            MAX_ARRAY_BYTES
+        );
+        return Err(Errno::EINVAL);
+    }
+    let addr = crate::abi::table::read_uint(arg, f.offset, f.size);
+    if addr == 0 {
+        return Err(Errno::EFAULT);
+    }
+    Ok(Some(Region {
+        field: f.name,
+        addr,
+        len: len as usize,
+        io: p.io,
+    }))
+}
+
+/// Plans the regions `arg` points at and reads the `In`/`InOut` ones from process `pid`;
+/// `Out` regions start zeroed.
+pub fn fetch(pid: u32, def: &StructDef, arg: &[u8]) -> Result<Vec<ArrayBuf>, Errno> {
+    let mut out = SPARE
+        .with(|s| s.borrow_mut().lists.pop())
+        .unwrap_or_default();
+    for r in regions(def, arg) {
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                recycle(out);
+                return Err(e);
             }
-            Ok(ArrayBuf {
-                field: r.field,
-                addr: r.addr,
-                io: r.io,
-                data,
-            })
-        })
-        .collect()
+        };
+        let mut data = SPARE
+            .with(|s| s.borrow_mut().bufs.pop())
+            .unwrap_or_default();
+        data.clear();
+        let read = if r.io.is_in() {
+            read_process_into(pid, r.addr, r.len, &mut data)
+        } else {
+            data.resize(r.len, 0);
+            Ok(())
+        };
+        out.push(ArrayBuf {
+            field: r.field,
+            addr: r.addr,
+            io: r.io,
+            data,
+        });
+        if let Err(e) = read {
+            recycle(out);
+            return Err(e);
+        }
+    }
+    Ok(out)
 }
 
 /// Buffers a worker thread keeps for the arrays of its next calls, and their bounds.
 const SPARE_BUFFERS: usize = 4;
 const SPARE_BYTES: usize = 64 * 1024;
+const SPARE_LISTS: usize = 2;
 
-thread_local! {
-    /// Array buffers of answered calls, reused by this thread's next fetch: an event array
-    /// (3 KiB for 64 events) is a large allocation, and glibc consolidates its fast bins
-    /// before every one — a visible part of a pointer ioctl's cost.
-    static SPARE: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+/// Array buffers and array lists of answered calls, reused by this thread's next fetch: an
+/// event array (3 KiB for 64 events) is a large allocation, and glibc consolidates its fast
+/// bins before every one — a visible part of a pointer ioctl's cost.
+#[derive(Default)]
+struct Spare {
+    bufs: Vec<Vec<u8>>,
+    lists: Vec<Vec<ArrayBuf>>,
 }
 
-/// `len` zero bytes, in a spare buffer when this thread has one.
-fn spare_buffer(len: usize) -> Vec<u8> {
-    let mut v = SPARE.with(|s| s.borrow_mut().pop()).unwrap_or_default();
-    v.clear();
-    v.resize(len, 0);
-    v
+thread_local! {
+    static SPARE: std::cell::RefCell<Spare> = std::cell::RefCell::new(Spare::default());
 }
 
 /// Gives the arrays of an answered call back to this thread's spare buffers.
-pub fn recycle(arrays: Vec<ArrayBuf>) {
+pub fn recycle(mut arrays: Vec<ArrayBuf>) {
     SPARE.with(|s| {
         let mut s = s.borrow_mut();
-        for a in arrays {
+        for a in arrays.drain(..) {
             let cap = a.data.capacity();
-            if s.len() < SPARE_BUFFERS && cap > 0 && cap <= SPARE_BYTES {
-                s.push(a.data);
+            if s.bufs.len() < SPARE_BUFFERS && cap > 0 && cap <= SPARE_BYTES {
+                s.bufs.push(a.data);
             }
+        }
+        if s.lists.len() < SPARE_LISTS && arrays.capacity() > 0 && arrays.capacity() <= 8 {
+            s.lists.push(arrays);
         }
     });
 }
@@ -131,26 +163,30 @@ pub fn write_back(pid: u32, arrays: &[ArrayBuf]) -> Result<(), Errno> {
     Ok(())
 }
 
-/// `process_vm_readv` of exactly `buf.len()` bytes at `addr` in `pid`; EFAULT when short.
-pub fn read_process(pid: u32, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
+/// `process_vm_readv` of exactly `len` bytes at `addr` in `pid` into the empty `buf` (its
+/// length becomes `len`), without zeroing first what the read overwrites; EFAULT when short.
+fn read_process_into(pid: u32, addr: u64, len: usize, buf: &mut Vec<u8>) -> Result<(), Errno> {
+    buf.clear();
+    buf.reserve(len);
     let local = libc::iovec {
         iov_base: buf.as_mut_ptr() as *mut _,
-        iov_len: buf.len(),
+        iov_len: len,
     };
     let remote = libc::iovec {
         iov_base: addr as usize as *mut _,
-        iov_len: buf.len(),
+        iov_len: len,
     };
-    // SAFETY: `local` describes our own writable buffer; the remote side is checked by the kernel.
+    // SAFETY: `local` is `len` bytes of `buf`'s capacity; the kernel checks the remote side.
     let n = unsafe { libc::process_vm_readv(pid as i32, &local, 1, &remote, 1, 0) };
-    if n < 0 || n as usize != buf.len() {
+    if n < 0 || n as usize != len {
         log::debug!(
-            "process_vm_readv pid {pid} {addr:#x}+{}: {}",
-            buf.len(),
+            "process_vm_readv pid {pid} {addr:#x}+{len}: {}",
             Errno::last()
         );
         return Err(Errno::EFAULT);
     }
+    // SAFETY: the capacity is at least `len`, and the kernel wrote all `len` bytes.
+    unsafe { buf.set_len(len) };
     Ok(())
 }
 

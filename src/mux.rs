@@ -247,16 +247,14 @@ impl Mux {
         let n = in_data.len().min(full);
         arg[..n].copy_from_slice(&in_data[..n]);
         let arrays = match variant.arg {
-            Some(sd) => {
-                match marshal::plan(sd, &arg).and_then(|r| marshal::fetch(caller.pid, &r)) {
-                    Ok(a) => a,
-                    Err(e) => {
-                        log::debug!("{}: marshalling failed: {e}", def.name);
-                        self.rec_refused(fh, pid, cmd, in_data, e);
-                        return reply.error(e);
-                    }
+            Some(sd) => match marshal::fetch(caller.pid, sd, &arg) {
+                Ok(a) => a,
+                Err(e) => {
+                    log::debug!("{}: marshalling failed: {e}", def.name);
+                    self.rec_refused(fh, pid, cmd, in_data, e);
+                    return reply.error(e);
                 }
-            }
+            },
             None => Vec::new(),
         };
         let call = IoctlCall {

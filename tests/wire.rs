@@ -6,10 +6,10 @@
 //! caller's tgid in `/proc` and moves pointed-to memory with `process_vm_readv/writev` on it,
 //! which works on oneself. Requests that must be refused use the pid of a `sleep` child.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,9 @@ use kfdmux::abi::{
 };
 use kfdmux::device::sim::{SimConfig, SimDevice};
 use kfdmux::mux::Mux;
-use kfdmux::transport::engine::{Protocol, Session};
+use kfdmux::transport::engine::{
+    Filesystem, IoctlArgs, IoctlReply, Opened, Protocol, Request, Session,
+};
 use kfdmux::transport::fusefs::FuseFs;
 use kfdmux::transport::wire::*;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
@@ -129,9 +131,28 @@ impl Kernel {
         let fs = FuseFs::new(Mux::new(device));
         let session = Session::new(theirs, fs.clone(), Protocol::Fuse, want_passthrough);
         fs.set_channel(session.chan.clone());
+        Kernel::run(ours, session, 2, kfd_minor)
+    }
+
+    /// Any filesystem behind the engine, `threads` workers, initialised with a 7.41 INIT.
+    fn serving(fs: Arc<dyn Filesystem>, threads: usize) -> Kernel {
+        let (ours, theirs) = seqpacket_pair();
+        let session = Session::new(theirs, fs, Protocol::Fuse, false);
+        let mut k = Kernel::run(ours, session, threads, 0);
+        let r = k.call(
+            FUSE_INIT,
+            0,
+            my_pid(),
+            &init_body(7, 41, default_kernel_flags()),
+        );
+        assert_eq!(r.error, 0, "INIT: {r:?}");
+        k
+    }
+
+    fn run(ours: OwnedFd, session: Arc<Session>, threads: usize, kfd_minor: u32) -> Kernel {
         let s = session.clone();
         let runner = std::thread::spawn(move || {
-            let _ = s.run(2);
+            let _ = s.run(threads);
         });
         Kernel {
             fd: ours,
@@ -141,6 +162,22 @@ impl Kernel {
             next_unique: 2,
             kfd_minor,
         }
+    }
+
+    /// Closes the channel as an unmount does; every worker must be gone within `d`.
+    fn shut_down_within(&mut self, d: Duration) {
+        // SAFETY: shutting down our own socket.
+        unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        let r = self.runner.take().expect("runner");
+        let deadline = Instant::now() + d;
+        while !r.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "workers still running {d:?} after EOF"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = r.join();
     }
 
     /// Started and initialised with a 7.41 INIT.
@@ -1536,4 +1573,197 @@ fn garbage_does_not_kill_the_session() {
         stats_contexts(&text).iter().any(|c| c.2 == my_pid()),
         "{text}"
     );
+}
+
+/// A filesystem for the engine's reading turn: records which worker thread answered each
+/// IOCTL; OPEN (a request that hands reading off) blocks until the test lets it go.
+struct Turns {
+    single: bool,
+    threads: Mutex<HashSet<std::thread::ThreadId>>,
+    gate: Mutex<mpsc::Receiver<()>>,
+}
+
+impl Turns {
+    fn new(single: bool) -> (Arc<Turns>, mpsc::Sender<()>) {
+        let (tx, rx) = mpsc::channel();
+        let t = Turns {
+            single,
+            threads: Mutex::new(HashSet::new()),
+            gate: Mutex::new(rx),
+        };
+        (Arc::new(t), tx)
+    }
+
+    fn workers_seen(&self) -> usize {
+        self.threads.lock().expect("threads").len()
+    }
+}
+
+impl Filesystem for Turns {
+    fn single_reader(&self) -> bool {
+        self.single
+    }
+    fn open(
+        &self,
+        _req: &Request,
+        _nodeid: u64,
+        _flags: u32,
+    ) -> Result<Opened, kfdmux::errno::Errno> {
+        let _ = self
+            .gate
+            .lock()
+            .expect("gate")
+            .recv_timeout(Duration::from_secs(30));
+        Ok(Opened::default())
+    }
+    fn ioctl(&self, _req: &Request, args: IoctlArgs, _in: &[u8], reply: IoctlReply) {
+        if args.cmd == STALLING_CMD {
+            // Not a request that hands off: it keeps the reading worker.
+            let gate = self.gate.lock().expect("gate");
+            let _ = gate.recv_timeout(Duration::from_secs(30));
+        } else {
+            let mut t = self.threads.lock().expect("threads");
+            t.insert(std::thread::current().id());
+        }
+        reply.ok(0, &[]);
+    }
+}
+
+/// The IOCTL command `Turns` blocks in until the test lets it go.
+const STALLING_CMD: u32 = 0x4BFF;
+
+/// An IOCTL request body for `Turns` (no data in or out).
+fn bare_ioctl() -> Vec<u8> {
+    ioctl_cmd(AMDKFD_IOC_GET_VERSION)
+}
+
+fn ioctl_cmd(cmd: u32) -> Vec<u8> {
+    IoctlIn {
+        fh: 1,
+        flags: 0,
+        cmd,
+        arg: ARG_ADDR,
+        in_size: 0,
+        out_size: 0,
+    }
+    .as_bytes()
+    .to_vec()
+}
+
+#[test]
+fn single_reader_answers_a_stream_of_requests_on_one_warm_worker() {
+    // Several workers all blocked in read take turns (the longest waiting is woken first), so
+    // one after another they answer a stream of requests; in single-reader mode the worker
+    // holding the reading turn answers all of them and the others sleep.
+    for (single, expect_one) in [(true, true), (false, false)] {
+        let (fs, _gate) = Turns::new(single);
+        let mut k = Kernel::serving(fs.clone(), 4);
+        for _ in 0..200 {
+            let r = k.call(FUSE_IOCTL, 2, my_pid(), &bare_ioctl());
+            assert_eq!(r.error, 0, "IOCTL: {r:?}");
+        }
+        let seen = fs.workers_seen();
+        if expect_one {
+            assert_eq!(
+                seen, 1,
+                "single reader: 200 requests answered by {seen} workers"
+            );
+        } else {
+            assert!(
+                seen > 1,
+                "4 readers: 200 requests answered by only {seen} worker"
+            );
+        }
+        k.shut_down_within(WAIT);
+    }
+}
+
+#[test]
+fn single_reader_hands_reading_off_before_a_request_that_may_block() {
+    let (fs, gate) = Turns::new(true);
+    let mut k = Kernel::serving(fs.clone(), 2);
+    // OPEN blocks in the filesystem; the worker handling it gave the turn away first.
+    let body = OpenIn {
+        flags: libc::O_RDWR as u32,
+        open_flags: 0,
+    };
+    let open = k.send(FUSE_OPEN, 2, my_pid(), body.as_bytes());
+    for _ in 0..20 {
+        let r = k.call(FUSE_IOCTL, 2, my_pid(), &bare_ioctl());
+        assert_eq!(r.error, 0, "IOCTL while an OPEN blocks: {r:?}");
+    }
+    assert!(
+        k.stash.is_empty(),
+        "the blocked OPEN was answered early: {:?}",
+        k.stash
+    );
+    gate.send(()).expect("let OPEN go");
+    let r = k.reply(open);
+    assert_eq!(r.error, 0, "OPEN: {r:?}");
+    // Both workers can still read after the hand-off, and both leave on EOF.
+    for _ in 0..20 {
+        let r = k.call(FUSE_IOCTL, 2, my_pid(), &bare_ioctl());
+        assert_eq!(r.error, 0, "IOCTL after the OPEN: {r:?}");
+    }
+    k.shut_down_within(WAIT);
+}
+
+#[test]
+fn single_reader_with_every_worker_blocked_still_ends_on_eof() {
+    // Two OPENs hold both workers of a single-reader session; EOF must still end it once they
+    // return (the turn passes to whoever is left to read).
+    let (fs, gate) = Turns::new(true);
+    let mut k = Kernel::serving(fs, 2);
+    let body = OpenIn {
+        flags: libc::O_RDWR as u32,
+        open_flags: 0,
+    };
+    let a = k.send(FUSE_OPEN, 2, my_pid(), body.as_bytes());
+    let b = k.send(FUSE_OPEN, 2, my_pid(), body.as_bytes());
+    let c = k.send(FUSE_IOCTL, 2, my_pid(), &bare_ioctl());
+    // Nobody is left to read the IOCTL while both OPENs block.
+    assert!(
+        k.wait_for(c, Duration::from_millis(300)).is_none(),
+        "IOCTL answered with both workers blocked"
+    );
+    gate.send(()).expect("let one OPEN go");
+    gate.send(()).expect("let the other OPEN go");
+    for u in [a, b, c] {
+        assert_eq!(k.reply(u).error, 0);
+    }
+    // Requests that handed off are no stall: the turn was free, nobody held it.
+    let s = k.session.as_ref().expect("session");
+    let stalls = s
+        .chan
+        .reader_stalls
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(stalls, 0, "a hand-off counted as a stall");
+    k.shut_down_within(WAIT);
+}
+
+#[test]
+fn single_reader_watchdog_passes_the_turn_on_when_a_request_stalls() {
+    let (fs, gate) = Turns::new(true);
+    let mut k = Kernel::serving(fs.clone(), 2);
+    let stalls = |k: &Kernel| {
+        let s = k.session.as_ref().expect("session");
+        s.chan
+            .reader_stalls
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    // An IOCTL that does not hand off keeps the reading worker; after the watchdog's stall
+    // time (20 ms) another worker reads and answers the next one.
+    let stuck = k.send(FUSE_IOCTL, 2, my_pid(), &ioctl_cmd(STALLING_CMD));
+    let r = k.call(FUSE_IOCTL, 2, my_pid(), &bare_ioctl());
+    assert_eq!(r.error, 0, "IOCTL behind a stalled one: {r:?}");
+    assert_eq!(stalls(&k), 1, "the watchdog counted the stall");
+    assert!(k.stash.is_empty(), "the stalled IOCTL was answered early");
+    gate.send(()).expect("let the stalled IOCTL go");
+    assert_eq!(k.reply(stuck).error, 0);
+    // The worker it held is a follower again: one reader answers the rest, with no more stalls.
+    for _ in 0..100 {
+        assert_eq!(k.call(FUSE_IOCTL, 2, my_pid(), &bare_ioctl()).error, 0);
+    }
+    assert_eq!(stalls(&k), 1, "no stall without a slow request");
+    k.shut_down_within(WAIT);
 }

@@ -146,6 +146,9 @@ impl Device for KernelModeDevice {
     fn name(&self) -> &'static str {
         self.inner.name()
     }
+    fn answers_in_place(&self) -> bool {
+        self.inner.answers_in_place()
+    }
     fn gpu_count(&self) -> u32 {
         self.inner.gpu_count()
     }

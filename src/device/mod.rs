@@ -220,6 +220,14 @@ pub trait Device: Send + Sync {
     fn process_memory(&self, tgid: u32) -> Result<Arc<dyn ProcessMemory>, Errno>;
     /// Counters for the stats file: (name, value) pairs.
     fn stats(&self) -> Vec<(&'static str, u64)>;
+    /// Whether every ioctl finishes on the calling worker without waiting on anything outside
+    /// the daemon (in-memory work and short system calls; a wait parks instead). The
+    /// transports then let one warm worker read and answer requests in turn
+    /// (`transport::engine::Session::run`). False (the default) for a device that forwards to
+    /// another one: its calls may block.
+    fn answers_in_place(&self) -> bool {
+        false
+    }
 }
 
 /// One open file of a device.

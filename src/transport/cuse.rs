@@ -80,6 +80,10 @@ impl CuseFs {
 }
 
 impl Filesystem for CuseFs {
+    fn single_reader(&self) -> bool {
+        self.mux.device.answers_in_place()
+    }
+
     fn open(&self, req: &Request, _nodeid: u64, _flags: u32) -> Result<Opened, Errno> {
         let tgid = tgid_of(req.pid).ok_or(Errno::ESRCH)?;
         let caller = Caller {

@@ -162,6 +162,10 @@ impl FuseFs {
 }
 
 impl Filesystem for FuseFs {
+    fn single_reader(&self) -> bool {
+        self.mux.device.answers_in_place()
+    }
+
     fn init(&self, passthrough: bool) {
         if !passthrough {
             log::warn!("the kernel does not offer FUSE passthrough (needs ≥ 6.9): mmap of kfdmux files will fail with ENODEV");

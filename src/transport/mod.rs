@@ -5,5 +5,6 @@ pub mod engine;
 pub mod fusefs;
 pub mod mount;
 pub mod sys;
+pub mod turn;
 pub mod uring;
 pub mod wire;

@@ -38,8 +38,10 @@ pub(crate) struct Event {
     pub signaled: bool,
     /// Starts at 1, bumped by every set; 0 is reserved for "age not used".
     pub age: u64,
-    /// memory_exception_data / hw_exception_data handed to waiters of MEMORY / HW_EXCEPTION events.
-    pub data: [u8; EVENT_DATA_UNION],
+    /// memory_exception_data / hw_exception_data handed to waiters of MEMORY / HW_EXCEPTION
+    /// events; None is all zeroes. Boxed: a wait reads the other fields of every event named,
+    /// which then share fewer cache lines.
+    pub data: Option<Box<[u8; EVENT_DATA_UNION]>>,
 }
 
 impl Event {
@@ -246,7 +248,7 @@ pub(crate) fn create_event(cx: &mut Cx, call: &mut IoctlCall) -> IoctlResult {
         auto_reset: a.auto_reset != 0,
         signaled: false,
         age: 1,
-        data: [0; 32],
+        data: None,
     };
     let id = if ev.is_signal_type() {
         let page = match cx.st.ev.page {
@@ -412,9 +414,10 @@ fn finish_wait(cx: &Cx, items: &[Item], call: &mut IoctlCall, outcome: Outcome) 
                     else {
                         continue;
                     };
+                    let data = ev.data.as_deref().unwrap_or(&[0; EVENT_DATA_UNION]);
                     match ev.ty {
-                        KFD_IOC_EVENT_MEMORY => dst[..EVENT_DATA_UNION].copy_from_slice(&ev.data),
-                        KFD_IOC_EVENT_HW_EXCEPTION => dst[..16].copy_from_slice(&ev.data[..16]),
+                        KFD_IOC_EVENT_MEMORY => dst[..EVENT_DATA_UNION].copy_from_slice(data),
+                        KFD_IOC_EVENT_HW_EXCEPTION => dst[..16].copy_from_slice(&data[..16]),
                         KFD_IOC_EVENT_SIGNAL if it.age_enabled => {
                             dst[..8].copy_from_slice(&ev.age.to_le_bytes())
                         }
@@ -511,7 +514,6 @@ pub(crate) fn wait_events(
     let esz = std::mem::size_of::<KfdEventData>();
     let all = a.wait_for_all != 0;
     let timeout = a.timeout;
-    let started = Instant::now();
 
     let mut st = inner.lock();
     if st.released {
@@ -538,7 +540,9 @@ pub(crate) fn wait_events(
             return fail(call, done, Errno::EINVAL);
         };
         let mut activated = ev.signaled;
-        ev.signaled = ev.signaled && !ev.auto_reset;
+        if activated && ev.auto_reset {
+            ev.signaled = false;
+        }
         let age_enabled = ev.ty == KFD_IOC_EVENT_SIGNAL && last_age != 0;
         if age_enabled && ev.age != last_age {
             activated = true;
@@ -573,6 +577,8 @@ pub(crate) fn wait_events(
         drop(st);
         return done.complete(call, r);
     }
+    // The timeout counts from here: a wait answered at once never reads the clock.
+    let started = Instant::now();
     let wid = inner.next_wid.fetch_add(1, Ordering::Relaxed);
     cx.st.ev.waiters.insert(
         wid,
@@ -668,7 +674,7 @@ mod tests {
             auto_reset: false,
             signaled: false,
             age: 1,
-            data: [0; EVENT_DATA_UNION],
+            data: None,
         }
     }
 

@@ -5,9 +5,11 @@
 //! handler causes (SET_EVENT waking waiters) are collected and answered after the lock is
 //! released.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use rustc_hash::FxHashMap;
 
 use crate::abi::*;
 use crate::device::{Caller, DeviceContext, Done, Env, FileKind, IoctlCall, IoctlResult};
@@ -123,7 +125,7 @@ pub(crate) struct KfdState {
     pub secondary: bool,
     pub released: bool,
     pub pdds: Vec<Pdd>,
-    pub bos: HashMap<u64, Bo>,
+    pub bos: FxHashMap<u64, Bo>,
     pub ev: EventState,
     pub queues: QueueState,
     pub svm: SvmState,
@@ -220,7 +222,7 @@ impl KfdCtx {
             secondary: false,
             released: false,
             pdds,
-            bos: HashMap::new(),
+            bos: FxHashMap::default(),
             ev: EventState::default(),
             queues: QueueState::default(),
             svm: SvmState::default(),

@@ -285,6 +285,11 @@ impl Device for SimDevice {
         "sim"
     }
 
+    /// Every handler is in-memory work; WAIT_EVENTS parks its call.
+    fn answers_in_place(&self) -> bool {
+        true
+    }
+
     fn gpu_count(&self) -> u32 {
         self.shared.gpus.len() as u32
     }
