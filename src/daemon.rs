@@ -56,9 +56,9 @@ pub struct ServeOptions {
     /// mmap). CUSE default: /run/kfdmux/handover.sock; with FUSE only when given.
     #[arg(long, value_name = "PATH")]
     pub handover_socket: Option<PathBuf>,
-    /// Worker threads answering FUSE requests. With the sim one of them reads and answers at a
-    /// time; the others take over reading while it opens or releases a context. With the kfd
-    /// device all of them read (forwarded calls may block).
+    /// Worker threads answering FUSE requests. With the sim on a daemon confined to one CPU
+    /// (taskset, a one-CPU cpuset), one of them reads and answers at a time and the others take
+    /// over while it opens or releases a context; otherwise all of them read.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
     /// FUSE transport: also carry requests over io_uring (FUSE-over-io_uring, Linux >= 6.14, needs

@@ -19,7 +19,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::{
-    c_ioctl, close, get_version, have_fuse, is_root, kfdmux_bin, mmap_rw, open_rw, require,
+    c_ioctl, close, get_version, have_fuse, is_root, kfdmux_bin, mmap_rw, open_rw, pin, require,
     wait_stats_at, Daemon,
 };
 use kfdmux::abi::{
@@ -118,22 +118,6 @@ fn wait_forever(fd: i32, id: u32) -> Result<u32, i32> {
     w.num_events = 1;
     w.timeout = u32::MAX;
     c_ioctl(fd, AMDKFD_IOC_WAIT_EVENTS, &mut w).map(|_| w.wait_result)
-}
-
-/// Pins the calling thread to `cpu` (so its requests use that CPU's ring queue).
-fn pin(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t with one bit set, passed with its size.
-    let r = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    assert_eq!(
-        r,
-        0,
-        "sched_setaffinity: {}",
-        std::io::Error::last_os_error()
-    );
 }
 
 /// Runs `f` on another thread and waits for it at most HANG (a hang is a failure).

@@ -29,6 +29,8 @@ use kfdmux::transport::fusefs::FuseFs;
 use kfdmux::transport::wire::*;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
+mod common;
+
 const KFD_IOC_EVENT_SIGNAL: u32 = 0;
 const KFD_IOC_WAIT_RESULT_COMPLETE: u32 = 0;
 const KFD_IOC_WAIT_RESULT_TIMEOUT: u32 = 1;
@@ -131,14 +133,15 @@ impl Kernel {
         let fs = FuseFs::new(Mux::new(device));
         let session = Session::new(theirs, fs.clone(), Protocol::Fuse, want_passthrough);
         fs.set_channel(session.chan.clone());
-        Kernel::run(ours, session, 2, kfd_minor)
+        Kernel::run(ours, session, 2, kfd_minor, false)
     }
 
     /// Any filesystem behind the engine, `threads` workers, initialised with a 7.41 INIT.
-    fn serving(fs: Arc<dyn Filesystem>, threads: usize) -> Kernel {
+    /// `one_cpu`: the session's threads may run on CPU 0 only (single-reader mode needs that).
+    fn serving(fs: Arc<dyn Filesystem>, threads: usize, one_cpu: bool) -> Kernel {
         let (ours, theirs) = seqpacket_pair();
         let session = Session::new(theirs, fs, Protocol::Fuse, false);
-        let mut k = Kernel::run(ours, session, threads, 0);
+        let mut k = Kernel::run(ours, session, threads, 0, one_cpu);
         let r = k.call(
             FUSE_INIT,
             0,
@@ -149,9 +152,18 @@ impl Kernel {
         k
     }
 
-    fn run(ours: OwnedFd, session: Arc<Session>, threads: usize, kfd_minor: u32) -> Kernel {
+    fn run(
+        ours: OwnedFd,
+        session: Arc<Session>,
+        threads: usize,
+        kfd_minor: u32,
+        one_cpu: bool,
+    ) -> Kernel {
         let s = session.clone();
         let runner = std::thread::spawn(move || {
+            if one_cpu {
+                common::pin(0);
+            }
             let _ = s.run(threads);
         });
         Kernel {
@@ -1653,11 +1665,18 @@ fn ioctl_cmd(cmd: u32) -> Vec<u8> {
 #[test]
 fn single_reader_answers_a_stream_of_requests_on_one_warm_worker() {
     // Several workers all blocked in read take turns (the longest waiting is woken first), so
-    // one after another they answer a stream of requests; in single-reader mode the worker
-    // holding the reading turn answers all of them and the others sleep.
-    for (single, expect_one) in [(true, true), (false, false)] {
+    // one after another they answer a stream of requests; in single-reader mode (a filesystem
+    // that allows it, on one CPU) the worker holding the reading turn answers all of them and
+    // the others sleep. On several CPUs every worker reads: a lone reader would mostly be woken
+    // on another CPU than the caller's.
+    let cpus = kfdmux::transport::sys::affinity_cpus().unwrap_or(1);
+    for (single, one_cpu, expect_one) in [
+        (true, true, true),
+        (false, true, false),
+        (true, false, cpus == 1),
+    ] {
         let (fs, _gate) = Turns::new(single);
-        let mut k = Kernel::serving(fs.clone(), 4);
+        let mut k = Kernel::serving(fs.clone(), 4, one_cpu);
         for _ in 0..200 {
             let r = k.call(FUSE_IOCTL, 2, my_pid(), &bare_ioctl());
             assert_eq!(r.error, 0, "IOCTL: {r:?}");
@@ -1671,7 +1690,7 @@ fn single_reader_answers_a_stream_of_requests_on_one_warm_worker() {
         } else {
             assert!(
                 seen > 1,
-                "4 readers: 200 requests answered by only {seen} worker"
+                "4 readers (single {single}, one CPU {one_cpu}): 200 requests answered by {seen}"
             );
         }
         k.shut_down_within(WAIT);
@@ -1681,7 +1700,7 @@ fn single_reader_answers_a_stream_of_requests_on_one_warm_worker() {
 #[test]
 fn single_reader_hands_reading_off_before_a_request_that_may_block() {
     let (fs, gate) = Turns::new(true);
-    let mut k = Kernel::serving(fs.clone(), 2);
+    let mut k = Kernel::serving(fs.clone(), 2, true);
     // OPEN blocks in the filesystem; the worker handling it gave the turn away first.
     let body = OpenIn {
         flags: libc::O_RDWR as u32,
@@ -1713,7 +1732,7 @@ fn single_reader_with_every_worker_blocked_still_ends_on_eof() {
     // Two OPENs hold both workers of a single-reader session; EOF must still end it once they
     // return (the turn passes to whoever is left to read).
     let (fs, gate) = Turns::new(true);
-    let mut k = Kernel::serving(fs, 2);
+    let mut k = Kernel::serving(fs, 2, true);
     let body = OpenIn {
         flags: libc::O_RDWR as u32,
         open_flags: 0,
@@ -1744,7 +1763,7 @@ fn single_reader_with_every_worker_blocked_still_ends_on_eof() {
 #[test]
 fn single_reader_watchdog_passes_the_turn_on_when_a_request_stalls() {
     let (fs, gate) = Turns::new(true);
-    let mut k = Kernel::serving(fs.clone(), 2);
+    let mut k = Kernel::serving(fs.clone(), 2, true);
     let stalls = |k: &Kernel| {
         let s = k.session.as_ref().expect("session");
         s.chan

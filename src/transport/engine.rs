@@ -439,11 +439,15 @@ impl Session {
     /// Every worker blocked in `read(/dev/fuse)` takes its turn (the kernel wakes the longest
     /// waiting one), so with several readers each request wakes a sleeping thread — about
     /// 0.5 µs of a 4.7 µs round trip on one CPU (docs/bench.md). When the filesystem is
-    /// [`Filesystem::single_reader`], only the worker holding the reading turn reads; it answers
-    /// requests itself and keeps reading, so a steady stream of requests wakes nobody, and it
-    /// passes the turn to a waiting worker before a request that [`Filesystem::hands_off`].
+    /// [`Filesystem::single_reader`] *and* the calling thread (whose affinity the workers
+    /// inherit) may run on one CPU only, only the worker holding the reading turn reads; it
+    /// answers requests itself and keeps reading, so a steady stream of requests wakes nobody,
+    /// and it passes the turn to a waiting worker before a request that
+    /// [`Filesystem::hands_off`]. On several CPUs every worker reads: a lone reader is woken on
+    /// whichever CPU it last ran on, mostly not the caller's, and a cross-CPU wake-up costs far
+    /// more than the saving (unpinned, one client: 81–100 µs p50 against 5–57 µs here).
     pub fn run(self: &Arc<Self>, threads: usize) -> io::Result<()> {
-        let single = self.fs.single_reader();
+        let single = self.fs.single_reader() && super::sys::affinity_cpus() == Some(1);
         let dog = if single {
             let s = Arc::clone(self);
             let stalls = move || {

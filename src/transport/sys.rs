@@ -111,3 +111,16 @@ pub fn fs_type(path: &str) -> Result<i64, Errno> {
 
 /// `FUSE_SUPER_MAGIC`.
 pub const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+
+/// How many CPUs the calling thread may run on (`sched_getaffinity`); None when unknown.
+pub fn affinity_cpus() -> Option<usize> {
+    // SAFETY: cpu_set_t is plain bits; the kernel writes at most the size we pass.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, writable cpu_set_t of the size given.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: counting bits of an initialised set.
+    Some(unsafe { libc::CPU_COUNT(&set) } as usize)
+}

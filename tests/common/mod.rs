@@ -420,3 +420,19 @@ pub fn mmap_rw(fd: i32, offset: u64, len: usize, what: &str) -> *mut u8 {
     );
     p as *mut u8
 }
+
+/// Pins the calling thread to `cpu` (threads it starts later inherit it).
+pub fn pin(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with one bit set, passed with its size.
+    let r = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(
+        r,
+        0,
+        "sched_setaffinity: {}",
+        std::io::Error::last_os_error()
+    );
+}
