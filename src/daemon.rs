@@ -58,7 +58,8 @@ pub struct ServeOptions {
     pub handover_socket: Option<PathBuf>,
     /// Worker threads answering FUSE requests. With the sim on a daemon confined to one CPU
     /// (taskset, a one-CPU cpuset), one of them reads and answers at a time and the others take
-    /// over while it opens or releases a context; otherwise all of them read.
+    /// over while it opens or releases a context; otherwise all of them read. More (4) raise
+    /// throughput with many busy clients and cost latency with one or two (docs/bench.md).
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
     /// FUSE transport: also carry requests over io_uring (FUSE-over-io_uring, Linux >= 6.14, needs
