@@ -12,7 +12,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{c_ioctl, close, get_version, have_fuse, is_root, mmap_rw, open_rw, require, Daemon};
+use common::{
+    c_ioctl, close, get_version, have_fuse, is_root, kfdmux_bin, mmap_rw, open_rw, pin, require,
+    Daemon,
+};
 use kfdmux::abi::{
     KfdIoctlAcquireVmArgs, KfdIoctlAllocMemoryOfGpuArgs, KfdIoctlCreateEventArgs,
     KfdIoctlGetProcessAperturesNewArgs, KfdProcessDeviceApertures, AMDKFD_IOC_ACQUIRE_VM,
@@ -536,4 +539,53 @@ fn mmap_is_passthrough_to_the_process_own_memory() {
     close(rfd);
     close(fd);
     wait_stats(&d.mount, "contexts 0", |t| stat_value(t, "contexts") == 0);
+}
+
+/// `kfdmux check` against a daemon confined to one CPU (one reader at a time, with the turn
+/// watchdog) and against an unconfined one (every worker reads).
+#[test]
+fn check_suite_passes_with_one_reader_on_one_cpu_and_with_all_readers() {
+    if !prerequisites() {
+        return;
+    }
+    let cpus = kfdmux::transport::sys::affinity_cpus().unwrap_or(1);
+    // Unconfined first: pinning this thread cannot be undone here.
+    for one_cpu in [false, true] {
+        if one_cpu {
+            // The daemon and the check inherit this thread's affinity.
+            pin(0);
+        }
+        let d = Daemon::start("gfx90a:2");
+        let out = std::process::Command::new(kfdmux_bin())
+            .arg("check")
+            .arg("--kfd")
+            .arg(d.mount.join("kfd"))
+            .output()
+            .expect("run kfdmux check");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && text.contains("8 passed, 0 failed"),
+            "kfdmux check (one CPU: {one_cpu}):\n{text}\ndaemon:\n{}",
+            d.log_text()
+        );
+        let threads = d.thread_names();
+        let watchdog = threads.iter().any(|t| t == "fuse-turn");
+        if one_cpu || cpus == 1 {
+            assert!(
+                watchdog,
+                "one CPU: the reading turn's watchdog runs: {threads:?}"
+            );
+        } else {
+            assert!(
+                !watchdog,
+                "{cpus} CPUs: every worker reads, no turn: {threads:?}"
+            );
+        }
+        let s = d.stats();
+        assert_eq!(
+            s["fuse_reader_stalls"], 0,
+            "no request stalled the reader: {s:?}"
+        );
+    }
 }
