@@ -98,6 +98,9 @@ pub struct Instance {
     pub gpus_spec: String,
     pub policy: Policy,
     pub record: Option<PathBuf>,
+    /// FUSE: also carry requests over io_uring, each queue starting with this many entries
+    /// (`serve --fuse-uring --fuse-uring-depth N`).
+    pub fuse_uring: Option<u32>,
     /// Its sysfs tree: `kfd/topology/...` and `module/amdgpu/...`.
     pub sysfs_dir: PathBuf,
     /// CUSE: the hand-over socket the preload library talks to (in a directory of its own so
@@ -180,6 +183,8 @@ struct RawInstance {
     quota_events: Option<Spanned<u32>>,
     max_contexts_per_uid: Option<Spanned<u32>>,
     record: Option<Spanned<String>>,
+    fuse_uring: Option<Spanned<bool>>,
+    fuse_uring_depth: Option<Spanned<u32>>,
 }
 
 /// Collects mistakes with their lines.
@@ -687,6 +692,35 @@ fn check_instance(
         ok &= v.is_some();
         v
     });
+    let uring = crate::transport::uring::UringOptions::default();
+    let fuse_uring = match (&raw.fuse_uring, &raw.fuse_uring_depth) {
+        (Some(u), _) if *u.get_ref() && transport == Transport::Cuse => {
+            r.at(u.span(), format!("{who}: fuse_uring is for fuse instances"));
+            ok = false;
+            None
+        }
+        (Some(u), depth) if *u.get_ref() => {
+            match depth.as_ref().map(|d| (d.span(), *d.get_ref())) {
+                Some((span, d)) if !(1..=uring.max_depth).contains(&d) => {
+                    let max = uring.max_depth;
+                    r.at(span, format!("{who}: fuse_uring_depth must be 1..={max}"));
+                    ok = false;
+                    None
+                }
+                Some((_, d)) => Some(d),
+                None => Some(uring.depth),
+            }
+        }
+        (_, Some(d)) => {
+            r.at(
+                d.span(),
+                format!("{who}: fuse_uring_depth needs fuse_uring = true"),
+            );
+            ok = false;
+            None
+        }
+        _ => None,
+    };
     if !ok {
         return None;
     }
@@ -714,6 +748,7 @@ fn check_instance(
             max_contexts_per_uid: raw.max_contexts_per_uid.map(Spanned::into_inner),
         },
         record,
+        fuse_uring,
         sysfs_dir: inst_dir.join("sys"),
         handover_socket: inst_dir.join("handover/handover.sock"),
         name,
@@ -757,6 +792,9 @@ pub fn describe(cfg: &Config) -> Vec<String> {
             }
             if let Some(p) = &i.record {
                 extra.push(format!("record {}", p.display()));
+            }
+            if let Some(d) = i.fuse_uring {
+                extra.push(format!("fuse_uring depth {d}"));
             }
             format!(
                 "instance '{}': {at}, gpus {}{from}, vram [{}]{}{}",

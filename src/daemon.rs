@@ -9,6 +9,7 @@ use crate::mux::Mux;
 use crate::transport::engine::{Protocol, Session};
 use crate::transport::fusefs::FuseFs;
 use crate::transport::mount;
+use crate::transport::uring::UringOptions;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transport {
@@ -381,60 +382,11 @@ fn serve_fuse(opts: &ServeOptions, mux: Arc<Mux>, set: &libc::sigset_t) -> Resul
         crate::handover::spawn_server(p, mux.clone())
             .map_err(|e| format!("hand-over socket {}: {e}", p.display()))?;
     }
-    if opts.fuse_uring {
-        // Before mounting: a kernel without it, or with enable_uring N, is refused up front.
-        crate::transport::uring::preflight()?;
-    }
-    let fs = FuseFs::new(mux);
-    let (fd, early_dev) = mount::mount_fuse(&mount_dir)?;
-    // Known before any worker runs: ACQUIRE_VM recognises our render files by st_dev.
-    if early_dev != 0 {
-        log::debug!("mounted {} (device {early_dev:#x})", mount_dir.display());
-        fs.set_dev(early_dev);
-    }
-    let session = Session::new(fd, fs.clone(), Protocol::Fuse, true);
-    fs.set_channel(session.chan.clone());
-    let uring = if opts.fuse_uring {
-        let uopts = crate::transport::uring::UringOptions {
-            depth: opts.fuse_uring_depth.max(1),
-            ..Default::default()
-        };
-        match crate::transport::uring::enable(&session, uopts) {
-            Ok(rx) => Some(rx),
-            Err(e) => {
-                mount::unmount(&mount_dir);
-                return Err(e);
-            }
-        }
-    } else {
-        None
-    };
-    let runner = {
-        let s = session.clone();
-        let threads = opts.threads;
-        std::thread::spawn(move || s.run(threads))
-    };
-    let dev = mount::mount_dev(&mount_dir);
-    if let Some(d) = dev {
-        if early_dev != 0 && early_dev != d {
-            log::warn!("mountinfo said device {early_dev:#x}, stat says {d:#x}; using the latter");
-        }
-        fs.set_dev(d);
-    }
-    if let Some(rx) = uring {
-        // INIT comes right after the mount; the queues register as soon as it is answered.
-        let r = rx
-            .recv_timeout(std::time::Duration::from_secs(20))
-            .unwrap_or_else(|_| Err("no FUSE INIT within 20 s".to_string()));
-        if let Err(e) = r {
-            mount::unmount(&mount_dir);
-            if let Some(d) = dev {
-                abort_connection(d);
-            }
-            let _ = runner.join();
-            return Err(format!("--fuse-uring: {e}"));
-        }
-    }
+    let uring = opts.fuse_uring.then(|| UringOptions {
+        depth: opts.fuse_uring_depth.max(1),
+        ..Default::default()
+    });
+    let (runner, dev) = start_fuse(FuseFs::new(mux), &mount_dir, opts.threads, uring)?;
     log::info!(
         "serving {} on {} (sysfs {:?})",
         opts.gpus,
@@ -449,6 +401,67 @@ fn serve_fuse(opts: &ServeOptions, mux: Arc<Mux>, set: &libc::sigset_t) -> Resul
     }
     let _ = runner.join();
     Ok(())
+}
+
+type Runner = std::thread::JoinHandle<std::io::Result<()>>;
+
+/// Mounts `fs` on `mount_dir` and runs its session with `threads` workers, and with `uring`
+/// the FUSE-over-io_uring queues (refused up front where the kernel lacks it; waits until they
+/// registered). Returns the session's runner and the mount's device number.
+fn start_fuse(
+    fs: Arc<FuseFs>,
+    mount_dir: &std::path::Path,
+    threads: usize,
+    uring: Option<UringOptions>,
+) -> Result<(Runner, Option<u64>), String> {
+    if uring.is_some() {
+        // Before mounting: a kernel without it, or with enable_uring N, is refused up front.
+        crate::transport::uring::preflight()?;
+    }
+    let (fd, early_dev) = mount::mount_fuse(mount_dir)?;
+    // Known before any worker runs: ACQUIRE_VM recognises our render files by st_dev.
+    if early_dev != 0 {
+        log::debug!("mounted {} (device {early_dev:#x})", mount_dir.display());
+        fs.set_dev(early_dev);
+    }
+    let session = Session::new(fd, fs.clone(), Protocol::Fuse, true);
+    fs.set_channel(session.chan.clone());
+    let ready = match uring {
+        Some(u) => match crate::transport::uring::enable(&session, u) {
+            Ok(rx) => Some(rx),
+            Err(e) => {
+                mount::unmount(mount_dir);
+                return Err(e);
+            }
+        },
+        None => None,
+    };
+    let runner = {
+        let s = session.clone();
+        std::thread::spawn(move || s.run(threads))
+    };
+    let dev = mount::mount_dev(mount_dir);
+    if let Some(d) = dev {
+        if early_dev != 0 && early_dev != d {
+            log::warn!("mountinfo said device {early_dev:#x}, stat says {d:#x}; using the latter");
+        }
+        fs.set_dev(d);
+    }
+    if let Some(rx) = ready {
+        // INIT comes right after the mount; the queues register as soon as it is answered.
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|_| Err("no FUSE INIT within 20 s".to_string()));
+        if let Err(e) = r {
+            mount::unmount(mount_dir);
+            if let Some(d) = dev {
+                abort_connection(d);
+            }
+            let _ = runner.join();
+            return Err(format!("FUSE-over-io_uring: {e}"));
+        }
+    }
+    Ok((runner, dev))
 }
 
 // ---- Several instances from a configuration file (`serve --config`, docs/containers.md). ----
@@ -474,7 +487,7 @@ struct RunningInstance {
     fuse: Option<(PathBuf, Option<u64>)>,
     cuse_names: Vec<String>,
     handover: Option<PathBuf>,
-    runners: Vec<std::thread::JoinHandle<std::io::Result<()>>>,
+    runners: Vec<Runner>,
 }
 
 impl RunningInstance {
@@ -550,20 +563,13 @@ fn start_instance(
     };
     match inst.transport {
         Transport::Fuse => {
-            let fs = FuseFs::new(mux);
-            let (fd, early_dev) =
-                mount::mount_fuse(&inst.mount).map_err(|e| format!("{who}: {e}"))?;
-            if early_dev != 0 {
-                fs.set_dev(early_dev);
-            }
-            let session = Session::new(fd, fs.clone(), Protocol::Fuse, true);
-            fs.set_channel(session.chan.clone());
-            run.runners
-                .push(std::thread::spawn(move || session.run(threads)));
-            let dev = mount::mount_dev(&inst.mount);
-            if let Some(d) = dev {
-                fs.set_dev(d);
-            }
+            let uring = inst.fuse_uring.map(|depth| UringOptions {
+                depth,
+                ..Default::default()
+            });
+            let (runner, dev) = start_fuse(FuseFs::new(mux), &inst.mount, threads, uring)
+                .map_err(|e| format!("{who}: {e}"))?;
+            run.runners.push(runner);
             run.fuse = Some((inst.mount.clone(), dev));
             log::info!(
                 "{who}: serving {} on {}",

@@ -246,3 +246,36 @@ fn config_check_command_exit_codes() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn fuse_uring_per_instance() {
+    let src = "[[instance]]\nname = \"a\"\ngpus = \"gfx90a\"\nfuse_uring = true\nfuse_uring_depth = 4\n\n[[instance]]\nname = \"b\"\ngpus = \"gfx90a\"\nfuse_uring = true\n\n[[instance]]\nname = \"c\"\ngpus = \"gfx90a\"\n";
+    let cfg = parse(Path::new("kfdmux.toml"), src).expect("valid");
+    let depths: Vec<_> = cfg.instances.iter().map(|i| i.fuse_uring).collect();
+    assert_eq!(depths, [Some(4), Some(16), None]);
+    let lines = kfdmux::config::describe(&cfg);
+    assert!(lines[0].contains("fuse_uring depth 4"), "{lines:?}");
+    assert!(!lines[2].contains("fuse_uring"), "{lines:?}");
+
+    let e = one_error(
+        "[[instance]]\nname = \"a\"\ngpus = \"gfx90a\"\ntransport = \"cuse\"\nfuse_uring = true\n",
+    );
+    assert_eq!(
+        e,
+        "kfdmux.toml:5: instance 'a': fuse_uring is for fuse instances"
+    );
+    let e = one_error("[[instance]]\nname = \"a\"\ngpus = \"gfx90a\"\nfuse_uring_depth = 8\n");
+    assert_eq!(
+        e,
+        "kfdmux.toml:4: instance 'a': fuse_uring_depth needs fuse_uring = true"
+    );
+    for bad in [0, 257] {
+        let e = one_error(&format!(
+            "[[instance]]\nname = \"a\"\ngpus = \"gfx90a\"\nfuse_uring = true\nfuse_uring_depth = {bad}\n"
+        ));
+        assert_eq!(
+            e,
+            "kfdmux.toml:5: instance 'a': fuse_uring_depth must be 1..=256"
+        );
+    }
+}

@@ -138,6 +138,29 @@ fn check_suite_passes_over_the_ring_and_requests_use_it() {
         return;
     }
     let d = UringDaemon::start(&[]);
+    check_over_the_ring(&d);
+}
+
+#[test]
+fn config_instance_with_fuse_uring_serves_over_the_ring() {
+    if !prerequisites() {
+        return;
+    }
+    let d = Daemon::start_config(
+        "[daemon]\nstate_dir = \"STATE\"\n\n[[instance]]\nname = \"u\"\ngpus = \"gfx90a:1\"\n\
+         mount = \"MNT\"\nfuse_uring = true\nfuse_uring_depth = 4\n",
+        Some("instance 'u': serving"),
+    );
+    assert!(
+        d.log_text().contains(" 4 entries each"),
+        "the instance's queues registered with depth 4:\n{}",
+        d.log_text()
+    );
+    check_over_the_ring(&d);
+}
+
+/// `kfdmux check` against `d` passes, and its requests came over the ring.
+fn check_over_the_ring(d: &Daemon) {
     assert!(
         d.log_text().contains("FUSE over io_uring:"),
         "queues registered:\n{}",

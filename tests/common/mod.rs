@@ -94,14 +94,38 @@ impl Daemon {
     pub fn start_with(gpus: &str, extra: &[&str], ready_log: Option<&str>) -> Daemon {
         let dir = TempDir::new("kfdmux-test-daemon");
         let mount = dir.path().join("mnt");
+        let mut args: Vec<OsString> = vec!["serve".into(), "--transport".into(), "fuse".into()];
+        args.extend([
+            "--mount".into(),
+            mount.clone().into(),
+            "--gpus".into(),
+            gpus.into(),
+        ]);
+        args.extend(extra.iter().map(OsString::from));
+        Daemon::launch(dir, mount, &args, ready_log)
+    }
+
+    /// `kfdmux serve --config FILE` with `toml`, in which `MNT` stands for the mount directory
+    /// of the (one FUSE) instance and `STATE` for a state directory, both temporary.
+    pub fn start_config(toml: &str, ready_log: Option<&str>) -> Daemon {
+        let dir = TempDir::new("kfdmux-test-daemon");
+        let mount = dir.path().join("mnt");
+        let state = dir.path().join("state");
+        let cfg = dir.path().join("kfdmux.toml");
+        let text = toml
+            .replace("MNT", mount.to_str().expect("utf-8 path"))
+            .replace("STATE", state.to_str().expect("utf-8 path"));
+        fs::write(&cfg, text).unwrap();
+        let args: Vec<OsString> = vec!["serve".into(), "--config".into(), cfg.into()];
+        Daemon::launch(dir, mount, &args, ready_log)
+    }
+
+    fn launch(dir: TempDir, mount: PathBuf, args: &[OsString], ready_log: Option<&str>) -> Daemon {
         fs::create_dir(&mount).unwrap();
         let log = dir.path().join("daemon.log");
         let out = fs::File::create(&log).unwrap();
         let child = Command::new(kfdmux_bin())
-            .args(["serve", "--transport", "fuse", "--mount"])
-            .arg(&mount)
-            .args(["--gpus", gpus])
-            .args(extra)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
