@@ -80,19 +80,16 @@ fn region(def: &StructDef, f: &FieldDef, p: &PtrDef, arg: &[u8]) -> Result<Optio
 }
 
 /// Plans the regions `arg` points at and reads the `In`/`InOut` ones from process `pid`;
-/// `Out` regions start zeroed.
+/// `Out` regions start zeroed. Every region is checked before any is read, as [`plan`] does
+/// (a bad count is EINVAL even where an earlier pointer would fault).
 pub fn fetch(pid: u32, def: &StructDef, arg: &[u8]) -> Result<Vec<ArrayBuf>, Errno> {
+    if let Some(e) = regions(def, arg).find_map(Result::err) {
+        return Err(e);
+    }
     let mut out = SPARE
         .with(|s| s.borrow_mut().lists.pop())
         .unwrap_or_default();
-    for r in regions(def, arg) {
-        let r = match r {
-            Ok(r) => r,
-            Err(e) => {
-                recycle(out);
-                return Err(e);
-            }
-        };
+    for r in regions(def, arg).flatten() {
         let mut data = SPARE
             .with(|s| s.borrow_mut().bufs.pop())
             .unwrap_or_default();
