@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{fork_client, kill_and_reap, raw_ioctl};
+use common::{fork_client, fork_parked_waiter, kill_and_reap, raw_ioctl};
 use kernel::*;
 use kfdmux::abi::*;
 use kfdmux::transport::wire::*;
@@ -67,33 +67,7 @@ fn real_client_killed_while_parked_in_wait_events_is_released() {
     let dir = common::TempDir::new("kfdmux-faults");
     let d = SecDaemon::start(&dir.path().join("mnt"), "gfx90a:1", &[]);
     let kfd = cpath(&d.mount.join("kfd"));
-    let mut ev = KfdIoctlCreateEventArgs {
-        event_page_offset: 0,
-        event_trigger_data: 0,
-        event_type: KFD_IOC_EVENT_SIGNAL,
-        auto_reset: 1,
-        node_id: 0,
-        event_id: 0,
-        event_slot_index: 0,
-    };
-    let mut data: KfdEventData = zerocopy::FromZeros::new_zeroed();
-    let mut w = KfdIoctlWaitEventsArgs {
-        events_ptr: 0,
-        num_events: 1,
-        wait_for_all: 0,
-        timeout: u32::MAX,
-        wait_result: 0,
-    };
-    let (pid, _) = fork_client(|ready| unsafe {
-        let fd = libc::open(kfd.as_ptr(), libc::O_RDWR);
-        if fd < 0 || raw_ioctl(fd, AMDKFD_IOC_CREATE_EVENT, &mut ev) != 0 {
-            return 1;
-        }
-        data.event_id = ev.event_id;
-        w.events_ptr = &mut data as *mut KfdEventData as u64;
-        libc::write(ready, b"r".as_ptr().cast(), 1);
-        raw_ioctl(fd, AMDKFD_IOC_WAIT_EVENTS, &mut w) // parks forever
-    });
+    let pid = fork_parked_waiter(&kfd);
     let before = wait_stats(&d, "client parked", |s| {
         s["waiters"] == 1 && s["events"] == 1
     });

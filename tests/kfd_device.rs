@@ -353,27 +353,7 @@ fn client_killed_mid_call_leaves_nothing_in_either_layer() {
         let dir = TempDir::new("kfdmux-kfdkill");
         let (lower, upper) = layers(&dir, mode, minor);
         let kfd = std::ffi::CString::new(upper.kfd()).unwrap();
-        let mut ev = KfdIoctlCreateEventArgs {
-            event_type: KFD_IOC_EVENT_SIGNAL,
-            auto_reset: 1,
-            ..zerocopy::FromZeros::new_zeroed()
-        };
-        let mut data: KfdEventData = zerocopy::FromZeros::new_zeroed();
-        let mut w = KfdIoctlWaitEventsArgs {
-            num_events: 1,
-            timeout: u32::MAX,
-            ..zerocopy::FromZeros::new_zeroed()
-        };
-        let (pid, _) = fork_client(|ready| unsafe {
-            let fd = libc::open(kfd.as_ptr(), libc::O_RDWR);
-            if fd < 0 || raw_ioctl(fd, AMDKFD_IOC_CREATE_EVENT, &mut ev) != 0 {
-                return 1;
-            }
-            data.event_id = ev.event_id;
-            w.events_ptr = &mut data as *mut KfdEventData as u64;
-            libc::write(ready, b"r".as_ptr().cast(), 1);
-            raw_ioctl(fd, AMDKFD_IOC_WAIT_EVENTS, &mut w) // parks for ever
-        });
+        let pid = fork_parked_waiter(&kfd);
         wait_stats(&lower, "the wait parked in the lower layer", |s| {
             s.get("waiters") == Some(&1) && s.get("events") == Some(&1)
         });

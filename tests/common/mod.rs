@@ -280,6 +280,34 @@ pub fn fork_client(body: impl FnOnce(i32) -> i32) -> (i32, u8) {
     (pid, b)
 }
 
+/// Forks a client that opens `kfd`, creates an auto-reset signal event and parks in an
+/// infinite WAIT_EVENTS on it; returns its pid once it is about to park.
+pub fn fork_parked_waiter(kfd: &std::ffi::CStr) -> i32 {
+    use kfdmux::abi::*;
+    let mut ev = KfdIoctlCreateEventArgs {
+        event_type: KFD_IOC_EVENT_SIGNAL,
+        auto_reset: 1,
+        ..zerocopy::FromZeros::new_zeroed()
+    };
+    let mut data: KfdEventData = zerocopy::FromZeros::new_zeroed();
+    let mut w = KfdIoctlWaitEventsArgs {
+        num_events: 1,
+        timeout: u32::MAX,
+        ..zerocopy::FromZeros::new_zeroed()
+    };
+    let (pid, _) = fork_client(|ready| unsafe {
+        let fd = libc::open(kfd.as_ptr(), libc::O_RDWR);
+        if fd < 0 || raw_ioctl(fd, AMDKFD_IOC_CREATE_EVENT, &mut ev) != 0 {
+            return 1;
+        }
+        data.event_id = ev.event_id;
+        w.events_ptr = &mut data as *mut KfdEventData as u64;
+        libc::write(ready, b"r".as_ptr().cast(), 1);
+        raw_ioctl(fd, AMDKFD_IOC_WAIT_EVENTS, &mut w) // parks forever
+    });
+    pid
+}
+
 pub fn kill_and_reap(pid: i32) {
     // SAFETY: our own child.
     unsafe {
