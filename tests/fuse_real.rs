@@ -13,17 +13,15 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{
-    c_ioctl, close, get_version, have_fuse, is_root, kfdmux_bin, mmap_rw, open_rw, pin, require,
-    Daemon,
+    acquire_and_alloc_gtt, c_ioctl, close, get_version, have_fuse, is_root, kfdmux_bin, mmap_rw,
+    open_rw, pin, require, Daemon,
 };
 use kfdmux::abi::{
-    KfdIoctlAcquireVmArgs, KfdIoctlAllocMemoryOfGpuArgs, KfdIoctlCreateEventArgs,
-    KfdIoctlGetProcessAperturesNewArgs, KfdProcessDeviceApertures, AMDKFD_IOC_ACQUIRE_VM,
-    AMDKFD_IOC_ALLOC_MEMORY_OF_GPU, AMDKFD_IOC_CREATE_EVENT, AMDKFD_IOC_GET_PROCESS_APERTURES_NEW,
+    KfdIoctlAcquireVmArgs, KfdIoctlCreateEventArgs, KfdIoctlGetProcessAperturesNewArgs,
+    KfdProcessDeviceApertures, AMDKFD_IOC_ACQUIRE_VM, AMDKFD_IOC_CREATE_EVENT,
+    AMDKFD_IOC_GET_PROCESS_APERTURES_NEW,
 };
 
-const KFD_IOC_ALLOC_MEM_FLAGS_GTT: u32 = 1 << 1;
-const KFD_IOC_ALLOC_MEM_FLAGS_WRITABLE: u32 = 1 << 31;
 const KFD_IOC_EVENT_SIGNAL: u32 = 0;
 
 fn prerequisites() -> bool {
@@ -324,30 +322,9 @@ fn mmap_is_passthrough_to_the_process_own_memory() {
     let render = cpath(&d.mount.join("renderD128"));
     let fd = open_rw(&kfd).expect("open kfd");
     let rfd = open_rw(&render).expect("open renderD128");
-    let mut ap = [KfdProcessDeviceApertures::new_zeroed(); 1];
-    assert_eq!(apertures(fd, &mut ap), Ok(1));
-    let gpu_id = ap[0].gpu_id;
-    let mut vm = KfdIoctlAcquireVmArgs {
-        drm_fd: rfd as u32,
-        gpu_id,
-    };
-    let r = c_ioctl(fd, AMDKFD_IOC_ACQUIRE_VM, &mut vm);
-    assert_eq!(r, Ok(()), "ACQUIRE_VM; daemon log:\n{}", d.log_text());
-
     let size = 2 * 4096u64;
-    let mut alloc = KfdIoctlAllocMemoryOfGpuArgs {
-        va_addr: (ap[0].gpuvm_base + (1 << 21)) & !0xfff,
-        size,
-        handle: 0,
-        mmap_offset: 0,
-        gpu_id,
-        flags: KFD_IOC_ALLOC_MEM_FLAGS_GTT | KFD_IOC_ALLOC_MEM_FLAGS_WRITABLE,
-    };
-    assert_eq!(
-        c_ioctl(fd, AMDKFD_IOC_ALLOC_MEMORY_OF_GPU, &mut alloc),
-        Ok(()),
-        "ALLOC GTT"
-    );
+    let alloc = acquire_and_alloc_gtt(fd, rfd, size, &|| d.log_text());
+    let gpu_id = alloc.gpu_id;
     assert!(alloc.handle != 0);
     assert_eq!(alloc.mmap_offset % 4096, 0);
     assert!(

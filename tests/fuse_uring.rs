@@ -19,22 +19,17 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::{
-    c_ioctl, close, get_version, have_fuse, is_root, kfdmux_bin, mmap_rw, open_rw, pin, require,
-    wait_stats_at, Daemon,
+    acquire_and_alloc_gtt, c_ioctl, close, get_version, have_fuse, is_root, kfdmux_bin, mmap_rw,
+    open_rw, pin, require, wait_stats_at, Daemon,
 };
 use kfdmux::abi::{
-    KfdEventData, KfdIoctlAcquireVmArgs, KfdIoctlAllocMemoryOfGpuArgs, KfdIoctlCreateEventArgs,
-    KfdIoctlGetProcessAperturesNewArgs, KfdIoctlSetEventArgs, KfdIoctlWaitEventsArgs,
-    KfdProcessDeviceApertures, AMDKFD_IOC_ACQUIRE_VM, AMDKFD_IOC_ALLOC_MEMORY_OF_GPU,
-    AMDKFD_IOC_CREATE_EVENT, AMDKFD_IOC_GET_PROCESS_APERTURES_NEW, AMDKFD_IOC_SET_EVENT,
-    AMDKFD_IOC_WAIT_EVENTS,
+    KfdEventData, KfdIoctlCreateEventArgs, KfdIoctlSetEventArgs, KfdIoctlWaitEventsArgs,
+    AMDKFD_IOC_CREATE_EVENT, AMDKFD_IOC_SET_EVENT, AMDKFD_IOC_WAIT_EVENTS,
 };
 
 const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
 const KFD_IOC_EVENT_SIGNAL: u32 = 0;
 const KFD_IOC_WAIT_RESULT_COMPLETE: u32 = 0;
-const KFD_IOC_ALLOC_MEM_FLAGS_GTT: u32 = 1 << 1;
-const KFD_IOC_ALLOC_MEM_FLAGS_WRITABLE: u32 = 1 << 31;
 /// How long a liveness check waits before calling it a hang (not a timing assertion).
 const HANG: Duration = Duration::from_secs(20);
 
@@ -282,40 +277,8 @@ fn passthrough_mmap_and_distinct_contexts_over_the_ring() {
     let render = CString::new(d.mount.join("renderD128").to_str().unwrap()).unwrap();
     let fd = open_rw(&kfd).expect("open kfd");
     let rfd = open_rw(&render).expect("open renderD128");
-    let mut ap = [KfdProcessDeviceApertures::new_zeroed(); 1];
-    let mut a = KfdIoctlGetProcessAperturesNewArgs {
-        kfd_process_device_apertures_ptr: ap.as_mut_ptr() as u64,
-        num_of_nodes: 1,
-        pad: 0,
-    };
-    assert_eq!(
-        c_ioctl(fd, AMDKFD_IOC_GET_PROCESS_APERTURES_NEW, &mut a),
-        Ok(())
-    );
-    let gpu_id = ap[0].gpu_id;
-    let mut vm = KfdIoctlAcquireVmArgs {
-        drm_fd: rfd as u32,
-        gpu_id,
-    };
-    assert_eq!(
-        c_ioctl(fd, AMDKFD_IOC_ACQUIRE_VM, &mut vm),
-        Ok(()),
-        "ACQUIRE_VM"
-    );
     let size = 2 * 4096usize;
-    let mut alloc = KfdIoctlAllocMemoryOfGpuArgs {
-        va_addr: (ap[0].gpuvm_base + (1 << 21)) & !0xfff,
-        size: size as u64,
-        handle: 0,
-        mmap_offset: 0,
-        gpu_id,
-        flags: KFD_IOC_ALLOC_MEM_FLAGS_GTT | KFD_IOC_ALLOC_MEM_FLAGS_WRITABLE,
-    };
-    assert_eq!(
-        c_ioctl(fd, AMDKFD_IOC_ALLOC_MEMORY_OF_GPU, &mut alloc),
-        Ok(()),
-        "ALLOC GTT"
-    );
+    let alloc = acquire_and_alloc_gtt(fd, rfd, size as u64, &|| d.log_text());
     let map = || {
         mmap_rw(
             rfd,

@@ -462,6 +462,47 @@ pub fn get_version(fd: i32) -> Result<kfdmux::abi::KfdIoctlGetVersionArgs, i32> 
     c_ioctl(fd, kfdmux::abi::AMDKFD_IOC_GET_VERSION, &mut v).map(|_| v)
 }
 
+/// On `fd` (kfd) with `rfd` (the first GPU's render node): ACQUIRE_VM, then ALLOC of `size`
+/// bytes of writable GTT 2 MiB into the GPU's VM — CPU-mappable memory, as ROCm gets it.
+/// Panics naming the step; `log` (the daemon's) goes with an ACQUIRE_VM failure.
+pub fn acquire_and_alloc_gtt(
+    fd: i32,
+    rfd: i32,
+    size: u64,
+    log: &dyn Fn() -> String,
+) -> kfdmux::abi::KfdIoctlAllocMemoryOfGpuArgs {
+    use kfdmux::abi::*;
+    let mut ap = [KfdProcessDeviceApertures::new_zeroed(); 1];
+    let mut a = KfdIoctlGetProcessAperturesNewArgs {
+        kfd_process_device_apertures_ptr: ap.as_mut_ptr() as u64,
+        num_of_nodes: 1,
+        pad: 0,
+    };
+    let n = c_ioctl(fd, AMDKFD_IOC_GET_PROCESS_APERTURES_NEW, &mut a).map(|_| a.num_of_nodes);
+    assert_eq!(n, Ok(1), "GET_PROCESS_APERTURES_NEW");
+    let gpu_id = ap[0].gpu_id;
+    let mut vm = KfdIoctlAcquireVmArgs {
+        drm_fd: rfd as u32,
+        gpu_id,
+    };
+    let r = c_ioctl(fd, AMDKFD_IOC_ACQUIRE_VM, &mut vm);
+    assert_eq!(r, Ok(()), "ACQUIRE_VM; daemon log:\n{}", log());
+    let mut alloc = KfdIoctlAllocMemoryOfGpuArgs {
+        va_addr: (ap[0].gpuvm_base + (1 << 21)) & !0xfff,
+        size,
+        handle: 0,
+        mmap_offset: 0,
+        gpu_id,
+        flags: KFD_IOC_ALLOC_MEM_FLAGS_GTT | KFD_IOC_ALLOC_MEM_FLAGS_WRITABLE,
+    };
+    assert_eq!(
+        c_ioctl(fd, AMDKFD_IOC_ALLOC_MEMORY_OF_GPU, &mut alloc),
+        Ok(()),
+        "ALLOC GTT"
+    );
+    alloc
+}
+
 /// A shared read-write mapping of `len` bytes of `fd` at `offset`; panics naming `what` (and
 /// the errno) when mmap fails. The caller unmaps it.
 pub fn mmap_rw(fd: i32, offset: u64, len: usize, what: &str) -> *mut u8 {
